@@ -1,0 +1,116 @@
+"""Throughput benchmark: `python -m protoseg_jax.bench --config=configs/bcss.py [--config.train.batch_size=64]`.
+
+Times the jitted train step and the inference (TTA CAM -> mask) step on random uint8 tiles after warm-up
+and prints a table: img/s, step time, XLA's FLOP count per image, achieved TFLOP/s, and peak device memory.
+No dataset or checkpoint is read.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from protoseg_jax import builders, runtime, train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file with get_config().',
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per measurement (after 2 warm-up steps).')
+_WHAT = flags.DEFINE_list('what', ['train', 'inference'], 'Which steps to time.')
+flags.mark_flags_as_required(['config'])
+
+
+def _flops(jitted, *args) -> float:
+  try:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get('flops', float('nan')))
+  except Exception:  # cost analysis is best effort on some backends
+    return float('nan')
+
+
+def _peak_memory_gib() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return peak / 2 ** 30 if peak is not None else float('nan')
+
+
+def _time(fn, steps: int) -> float:
+  """Seconds per call of `fn()` (which returns something to block on), after two warm-up calls."""
+  for _ in range(2):
+    jax.block_until_ready(fn())
+  start = time.perf_counter()
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / steps
+
+
+def run(config, steps: int, what: list[str]) -> list[dict]:
+  model, tokenizer, prompt_ids = runtime.model_and_prompts(config)
+  params = builders.init_params(config, model, prompt_ids, tokenizer, jax.random.key(config.seed))
+  size, num_classes = config.data.image_size, model.config.num_classes
+  rng = np.random.default_rng(0)
+  rows = []
+  if 'train' in what:
+    batch_size = config.train.batch_size
+    optimizer, schedule = train.make_optimizer(config.train, 1000)
+    state = train.create_train_state(params, optimizer)
+    train_step = train.make_train_step(model, config, prompt_ids, optimizer, schedule)
+    batch = {'images': jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8)),
+             'labels': jnp.asarray(rng.integers(0, 2, (batch_size, num_classes), np.int32))}
+    key = jax.random.key(1)
+    flops = _flops(train_step, state, batch, key)
+    holder = {'state': state}
+
+    def one_step():
+      holder['state'], metrics = train_step(holder['state'], batch, key)
+      return metrics['loss']
+
+    seconds = _time(one_step, steps)
+    rows.append({'step': 'train', 'batch': batch_size, 'seconds': seconds, 'flops': flops})
+  if 'inference' in what:
+    batch_size = config.eval.batch_size
+    bank_fn = train.make_bank_fn(model, prompt_ids)
+    mask_fn = jax.jit(train.make_mask_fn(model, config))
+    bank = bank_fn(params)
+    images = jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8))
+    labels = jnp.ones((batch_size, num_classes), jnp.int32)
+    flops = _flops(mask_fn, params, bank, images, labels)
+    seconds = _time(lambda: mask_fn(params, bank, images, labels), steps)
+    passes = len(config.eval.intensity_factors) * (2 if config.eval.hflip else 1)
+    rows.append({'step': f'inference ({passes} TTA passes)', 'batch': batch_size, 'seconds': seconds,
+                 'flops': flops})
+  peak = _peak_memory_gib()
+  for row in rows:
+    row['images_per_s'] = row['batch'] / row['seconds']
+    row['gflop_per_image'] = row['flops'] / row['batch'] / 1e9
+    row['tflop_per_s'] = row['flops'] / row['seconds'] / 1e12
+    row['peak_memory_gib'] = peak
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  device = jax.devices()[0]
+  lines = [f'device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), '
+           f'jax {jax.__version__}',
+           f'{"step":<28}{"batch":>6}{"img/s":>10}{"ms/step":>10}{"GFLOP/img":>11}{"TFLOP/s":>9}'
+           f'{"peak GiB":>10}']
+  for row in rows:
+    lines.append(f'{row["step"]:<28}{row["batch"]:>6}{row["images_per_s"]:>10.1f}'
+                 f'{1e3 * row["seconds"]:>10.1f}{row["gflop_per_image"]:>11.2f}{row["tflop_per_s"]:>9.2f}'
+                 f'{row["peak_memory_gib"]:>10.2f}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  print(format_table(run(_CONFIG.value, _STEPS.value, _WHAT.value)))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,253 @@
+"""DualProtoSeg training state, optimizer, the jitted train / eval steps, and the epoch loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from protoseg_jax import augment, builders, cam, metrics as metrics_lib, ops
+from protoseg_jax.data import pipeline
+from protoseg_jax.models.dualprotoseg import DualProtoSeg
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes. Frozen towers are carried but never differentiated or updated."""
+
+  step: jax.Array
+  trainable: Any
+  frozen: Any
+  opt_state: Any
+
+  @property
+  def params(self) -> dict:
+    return {**self.frozen, **self.trainable}
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """Decay matrices and higher-rank tensors only: no decay on biases, norms, 0-D/1-D parameters."""
+  return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with the poly schedule `lr * (1 - t/T)^power` (no warm-up) and masked weight decay."""
+  schedule = optax.polynomial_schedule(train_config.learning_rate, 0.0, train_config.poly_power,
+                                       max(total_steps, 1))
+  optimizer = optax.adamw(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2,
+                          eps=train_config.adam_eps, weight_decay=train_config.weight_decay,
+                          mask=weight_decay_mask)
+  return optimizer, schedule
+
+
+def create_train_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
+  trainable, frozen = builders.split_params(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                    opt_state=optimizer.init(trainable))
+
+
+def multiscale_bce(level_scores: jax.Array, labels: jax.Array, num_classes: int, merge: str,
+                   level_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Σ_i λ_i BCEWithLogits(merge(scores_i), y): scores `[L, B, P]`, labels `[B, C]` -> (loss, `[L]`)."""
+  class_scores = ops.merge_prototypes(level_scores.astype(jnp.float32), num_classes, merge)
+  per_level = jnp.mean(optax.sigmoid_binary_cross_entropy(class_scores, labels[None].astype(jnp.float32)),
+                       axis=(1, 2))
+  return jnp.sum(level_weights * per_level), per_level
+
+
+def make_train_step(model: DualProtoSeg, config: ml_collections.ConfigDict, prompt_ids: np.ndarray,
+                    optimizer: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
+  """`(state, batch, rng) -> (state, metrics)`, one jit with the state donated.
+
+  The trunk runs once, outside the differentiated function; the text tower runs once per step on the
+  C*M prompts (its gradient reaches the prompt context only).
+  """
+  data, train_config = config.data, config.train
+  num_classes = model.config.num_classes
+  level_weights = jnp.asarray(train_config.level_loss_weights, jnp.float32)
+  if level_weights.shape != (len(model.config.pyramid_channels),):
+    raise ValueError(f'config.train.level_loss_weights has {level_weights.shape[0]} entries for '
+                     f'{len(model.config.pyramid_channels)} pyramid levels')
+  prompt_ids = jnp.asarray(prompt_ids)
+
+  def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    step_rng = jax.random.fold_in(rng, state.step)
+    augment_key, dropout_key = jax.random.split(step_rng)
+    images = augment.flip_rotate(augment_key, batch['images'], data.augment.hflip, data.augment.vflip,
+                                 data.augment.rot90)
+    images = augment.normalize(images, data.mean, data.std)
+    taps = model.apply({'params': state.frozen}, images, method=DualProtoSeg.trunk_taps)
+    taps = jax.lax.stop_gradient(taps)
+
+    def loss_fn(trainable):
+      scores = model.apply({'params': {**state.frozen, **trainable}}, taps, prompt_ids, True,
+                           method=DualProtoSeg.head_scores, rngs={'dropout': dropout_key})
+      return multiscale_bce(scores, batch['labels'], num_classes, train_config.merge, level_weights)
+
+    (loss, level_losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {'loss': loss, 'learning_rate': schedule(state.step),
+               'grad_norm': optax.global_norm(grads)}
+    for level, value in enumerate(level_losses):
+      metrics[f'loss_level{level + 1}'] = value
+    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_mask_fn(model: DualProtoSeg, config: ml_collections.ConfigDict) -> Callable:
+  """Pure `(params, bank, images uint8 [B, H, W, 3], labels [B, C]) -> masks [B, H, W] int32 in 0..C`.
+
+  Level-`cam_level` CAMs merged with `config.eval.merge`, TTA (flips x intensities), label gating,
+  background power and argmax, as the reference's evaluation.
+  """
+  data, eval_config = config.data, config.eval
+  level = eval_config.cam_level - 1
+  if not 0 <= level < len(model.config.pyramid_channels):
+    raise ValueError(f'config.eval.cam_level={eval_config.cam_level} is not a pyramid level '
+                     f'(1..{len(model.config.pyramid_channels)})')
+
+  def mask_fn(params, bank, images, labels):
+    images = augment.normalize(images, data.mean, data.std)
+
+    def class_map_fn(variant_images):
+      return model.apply({'params': params}, variant_images, bank, level, eval_config.merge,
+                         method=DualProtoSeg.class_maps)
+
+    maps = cam.tta_class_maps(class_map_fn, images, labels, images.shape[1:3],
+                              intensity_factors=tuple(eval_config.intensity_factors),
+                              hflip=eval_config.hflip)
+    return cam.maps_to_mask(maps, background_power=eval_config.background_power)
+
+  return mask_fn
+
+
+def make_bank_fn(model: DualProtoSeg, prompt_ids: np.ndarray) -> Callable:
+  """Jitted `params -> bank [P, F]`: the text tower runs once per evaluation, not per batch."""
+  prompt_ids = jnp.asarray(prompt_ids)
+  return jax.jit(lambda params: model.apply({'params': params}, prompt_ids, method=DualProtoSeg.text_bank))
+
+
+def make_eval_fns(model: DualProtoSeg, config: ml_collections.ConfigDict, prompt_ids: np.ndarray):
+  """Returns jitted `bank_fn(params)` and `confusion_fn(params, bank, batch) -> [K, K] int32`."""
+  mask_fn = make_mask_fn(model, config)
+  num_values = model.config.num_classes + 1
+
+  @jax.jit
+  def confusion_fn(params, bank, batch):
+    masks = mask_fn(params, bank, batch['images'], batch['labels'])
+    valid = jnp.broadcast_to(batch['valid'][:, None, None], masks.shape)
+    return metrics_lib.confusion_matrix(batch['masks'], masks, num_values, valid=valid)
+
+  return make_bank_fn(model, prompt_ids), confusion_fn
+
+
+def evaluate(params: dict, eval_set: pipeline.EvalSet, bank_fn, confusion_fn,
+             config: ml_collections.ConfigDict) -> dict:
+  """Confusion matrix over the whole split (accumulated on device) -> metrics dict."""
+  bank = bank_fn(params)
+  confusion = None
+  for batch in eval_set.batches(config.eval.batch_size):
+    batch_confusion = confusion_fn(params, bank, batch)
+    confusion = batch_confusion if confusion is None else confusion + batch_confusion
+  confusion = np.asarray(confusion)
+  result = metrics_lib.segmentation_metrics(
+      confusion, list(config.data.class_names) + [config.data.background_name],
+      num_tissue_classes=len(config.data.class_names),
+      ignore_background=config.eval.ignore_background)
+  result['confusion_matrix'] = confusion.tolist()
+  return result
+
+
+class JsonlWriter:
+  """Appends one JSON object per line to `<workdir>/<name>.jsonl` (readable by pandas / any plotter)."""
+
+  def __init__(self, workdir: str, name: str):
+    self.path = os.path.join(workdir, f'{name}.jsonl')
+
+  def write(self, record: dict) -> None:
+    with open(self.path, 'a') as handle:
+      handle.write(json.dumps(record) + '\n')
+
+
+def _to_python(metrics: dict) -> dict:
+  return {key: float(value) for key, value in jax.device_get(metrics).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       params: Optional[dict] = None) -> dict:
+  """Trains for `config.train.epochs` epochs, validating every `eval_every_epochs`; returns final metrics.
+
+  Saves `params_last` and `params_best` (by val mIoU) under `workdir/checkpoints`.
+  """
+  from protoseg_jax import checkpoints, runtime  # local: keeps this module importable without orbax
+
+  os.makedirs(workdir, exist_ok=True)
+  model, tokenizer, prompt_ids = runtime.model_and_prompts(config)
+  root = pipeline.resolve_root(config.data, workdir)
+  train_batches = pipeline.load_train_batches(root, config.data, config.train.batch_size, config.seed)
+  eval_set = pipeline.load_eval_set(root, config.data.eval_split, model.config.num_classes,
+                                    config.data.image_size, config.data.decode_threads)
+  steps_per_epoch = train_batches.steps_per_epoch
+  total_steps = config.train.epochs * steps_per_epoch
+  if config.train.max_steps > 0:
+    total_steps = min(total_steps, config.train.max_steps)
+  logging.info('training tiles: %d (%d steps/epoch, %d steps), %s tiles: %d', len(train_batches.paths),
+               steps_per_epoch, total_steps, config.data.eval_split, len(eval_set.names))
+
+  rng = jax.random.key(config.seed)
+  init_key, step_key = jax.random.split(rng)
+  if params is None:
+    params = runtime.initial_params(config, model, tokenizer, prompt_ids, init_key)
+  optimizer, schedule = make_optimizer(config.train, total_steps)
+  state = create_train_state(params, optimizer)
+  manager = checkpoints.ParamsCheckpoints(os.path.join(workdir, 'checkpoints'))
+  fingerprint = runtime.frozen_fingerprint(params)
+  counts = builders.parameter_counts(params)
+  logging.info('parameters: %s trainable, %s frozen', f'{counts["trainable"]:,}', f'{counts["frozen"]:,}')
+
+  train_step = make_train_step(model, config, prompt_ids, optimizer, schedule)
+  bank_fn, confusion_fn = make_eval_fns(model, config, prompt_ids)
+  train_log, eval_log = JsonlWriter(workdir, 'train_metrics'), JsonlWriter(workdir, 'eval_metrics')
+
+  best_miou, last_eval = -1.0, {}
+  window_start, window_images = time.perf_counter(), 0
+  batches = train_batches.iterate(start_step=0)
+  for step in range(total_steps):
+    batch = next(batches)
+    state, step_metrics = train_step(state, batch, step_key)
+    window_images += config.train.batch_size
+    if (step + 1) % config.train.log_every_steps == 0 or step + 1 == total_steps:
+      record = _to_python(step_metrics)  # the only host sync of the loop, once per log window
+      elapsed = time.perf_counter() - window_start
+      record.update(step=step + 1, epoch=(step + 1) / steps_per_epoch, images_per_s=window_images / elapsed)
+      train_log.write(record)
+      logging.info('step %d/%d  epoch %.2f  loss %.4f  lr %.3g  %.1f img/s', step + 1, total_steps,
+                   record['epoch'], record['loss'], record['learning_rate'], record['images_per_s'])
+      window_start, window_images = time.perf_counter(), 0
+    end_of_epoch = (step + 1) % steps_per_epoch == 0
+    epoch = (step + 1) // steps_per_epoch
+    if (end_of_epoch and epoch % config.train.eval_every_epochs == 0) or step + 1 == total_steps:
+      last_eval = evaluate(state.params, eval_set, bank_fn, confusion_fn, config)
+      last_eval.update(step=step + 1, epoch=(step + 1) / steps_per_epoch, split=config.data.eval_split)
+      eval_log.write(last_eval)
+      logging.info('%s after step %d:\n%s', config.data.eval_split, step + 1,
+                   metrics_lib.format_metrics_table(last_eval))
+      meta = {'step': step + 1, 'mIoU': last_eval['mIoU'], 'frozen_fingerprint': fingerprint}
+      manager.save('last', state.trainable, meta)
+      if last_eval['mIoU'] > best_miou:
+        best_miou = last_eval['mIoU']
+        manager.save('best', state.trainable, meta)
+      window_start = time.perf_counter()
+  return last_eval
