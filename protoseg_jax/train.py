@@ -86,7 +86,7 @@ def make_train_step(model: DualProtoSeg, config: ml_collections.ConfigDict, prom
     images = augment.flip_rotate(augment_key, batch['images'], data.augment.hflip, data.augment.vflip,
                                  data.augment.rot90)
     images = augment.normalize(images, data.mean, data.std)
-    taps = model.apply({'params': state.frozen}, images, method=DualProtoSeg.trunk_taps)
+    taps = model.apply({'params': state.params}, images, method=DualProtoSeg.trunk_taps)
     taps = jax.lax.stop_gradient(taps)
 
     def loss_fn(trainable):
@@ -98,7 +98,7 @@ def make_train_step(model: DualProtoSeg, config: ml_collections.ConfigDict, prom
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {'loss': loss, 'learning_rate': schedule(state.step),
-               'grad_norm': optax.global_norm(grads)}
+               'grad_norm': optax.tree.norm(grads)}
     for level, value in enumerate(level_losses):
       metrics[f'loss_level{level + 1}'] = value
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
