@@ -59,7 +59,8 @@ def run(config, steps: int, what: list[str]) -> list[dict]:
   if 'train' in what:
     batch_size = config.train.batch_size
     optimizer, schedule = train.make_optimizer(config.train, 1000)
-    state = train.create_train_state(params, optimizer)
+    # The train step donates its state: give it its own copy so `params` stays valid for inference.
+    state = train.create_train_state(jax.tree.map(jnp.copy, params), optimizer)
     train_step = train.make_train_step(model, config, prompt_ids, optimizer, schedule)
     batch = {'images': jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8)),
              'labels': jnp.asarray(rng.integers(0, 2, (batch_size, num_classes), np.int32))}

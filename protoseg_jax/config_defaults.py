@@ -113,6 +113,10 @@ def dualprotoseg_config() -> ml_collections.ConfigDict:
   config.train.poly_power = 1.0            # lr * (1 - t/T)^power, no warm-up
   config.train.level_loss_weights = (1.0, 1.0, 1.0, 1.0)
   config.train.merge = 'mean'              # prototype -> class merge of the training scores
+  # Optional diversity term (Jeffreys divergence between a class's prototype maps, LPD-style); named in
+  # the reference config but unused by its training loop, hence off.
+  config.train.diversity_weight = 0.0
+  config.train.diversity_level = 1         # 1-based pyramid level whose CAM it uses (1 = coarsest)
   config.train.compute_dtype = 'auto'      # 'auto' = bfloat16 on GPU/TPU, float32 on CPU
   config.train.log_every_steps = 50
   config.train.eval_every_epochs = 1
@@ -125,6 +129,7 @@ def dualprotoseg_config() -> ml_collections.ConfigDict:
   config.eval.merge = 'max'
   config.eval.intensity_factors = (0.9, 1.0, 1.1)
   config.eval.hflip = True
+  config.eval.tta_in_one_batch = True      # all TTA passes in one batch (fast); False = one at a time
   config.eval.background_power = 10.0
   config.eval.ignore_background = False    # True = older WSSS-Tissue protocol (drop BACK pixels)
 

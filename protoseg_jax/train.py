@@ -65,6 +65,28 @@ def multiscale_bce(level_scores: jax.Array, labels: jax.Array, num_classes: int,
   return jnp.sum(level_weights * per_level), per_level
 
 
+def prototype_diversity(cam: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """Diversity term on one level's CAM `[B, s, s, P]`, labels `[B, C]` -> scalar.
+
+  Each prototype's map becomes a distribution over pixels (softmax over space). For every pair (k, l) of
+  prototypes of one class, J = KL(p_k || p_l) + KL(p_l || p_k) (Jeffreys divergence); the term is
+  mean over present classes and pairs of exp(-J), so it is 1 when a class's prototypes fire on the same
+  pixels and falls towards 0 as they spread over different parts of the tissue.
+  """
+  batch, height, width, num_prototypes = cam.shape
+  group = num_prototypes // num_classes
+  log_p = jax.nn.log_softmax(cam.astype(jnp.float32).reshape(batch, height * width, num_classes, group),
+                             axis=1)
+  p = jnp.exp(log_p)
+  self_term = jnp.einsum('bncg,bncg->bcg', p, log_p)                   # Σ p_k log p_k
+  cross = jnp.einsum('bnck,bncl->bckl', p, log_p)                      # Σ p_k log p_l
+  jeffreys = self_term[..., :, None] + self_term[..., None, :] - cross - jnp.swapaxes(cross, -1, -2)
+  off_diagonal = 1.0 - jnp.eye(group)
+  per_class = jnp.sum(jnp.exp(-jeffreys) * off_diagonal, axis=(-1, -2)) / (group * (group - 1))
+  present = labels.astype(jnp.float32)
+  return jnp.sum(per_class * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
 def make_train_step(model: DualProtoSeg, config: ml_collections.ConfigDict, prompt_ids: np.ndarray,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
   """`(state, batch, rng) -> (state, metrics)`, one jit with the state donated.
@@ -79,6 +101,7 @@ def make_train_step(model: DualProtoSeg, config: ml_collections.ConfigDict, prom
     raise ValueError(f'config.train.level_loss_weights has {level_weights.shape[0]} entries for '
                      f'{len(model.config.pyramid_channels)} pyramid levels')
   prompt_ids = jnp.asarray(prompt_ids)
+  diversity_level = train_config.diversity_level - 1 if train_config.diversity_weight > 0 else -1
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
@@ -90,17 +113,22 @@ def make_train_step(model: DualProtoSeg, config: ml_collections.ConfigDict, prom
     taps = jax.lax.stop_gradient(taps)
 
     def loss_fn(trainable):
-      scores = model.apply({'params': {**state.frozen, **trainable}}, taps, prompt_ids, True,
-                           method=DualProtoSeg.head_scores, rngs={'dropout': dropout_key})
-      return multiscale_bce(scores, batch['labels'], num_classes, train_config.merge, level_weights)
+      scores, cam = model.apply({'params': {**state.frozen, **trainable}}, taps, prompt_ids, True,
+                                diversity_level, method=DualProtoSeg.head_scores,
+                                rngs={'dropout': dropout_key})
+      loss, level_losses = multiscale_bce(scores, batch['labels'], num_classes, train_config.merge,
+                                          level_weights)
+      aux = {f'loss_level{level + 1}': value for level, value in enumerate(level_losses)}
+      if cam is not None:
+        aux['diversity'] = prototype_diversity(cam, batch['labels'], num_classes)
+        loss = loss + train_config.diversity_weight * aux['diversity']
+      return loss, aux
 
-    (loss, level_losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {'loss': loss, 'learning_rate': schedule(state.step),
-               'grad_norm': optax.tree.norm(grads)}
-    for level, value in enumerate(level_losses):
-      metrics[f'loss_level{level + 1}'] = value
+    metrics = {'loss': loss, 'learning_rate': schedule(state.step), 'grad_norm': optax.tree.norm(grads),
+               **aux}
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
   return jax.jit(train_step, donate_argnums=(0,))
@@ -127,7 +155,8 @@ def make_mask_fn(model: DualProtoSeg, config: ml_collections.ConfigDict) -> Call
 
     maps = cam.tta_class_maps(class_map_fn, images, labels, images.shape[1:3],
                               intensity_factors=tuple(eval_config.intensity_factors),
-                              hflip=eval_config.hflip)
+                              hflip=eval_config.hflip,
+                              passes_in_one_call=eval_config.tta_in_one_batch)
     return cam.maps_to_mask(maps, background_power=eval_config.background_power)
 
   return mask_fn
@@ -155,13 +184,12 @@ def make_eval_fns(model: DualProtoSeg, config: ml_collections.ConfigDict, prompt
 
 def evaluate(params: dict, eval_set: pipeline.EvalSet, bank_fn, confusion_fn,
              config: ml_collections.ConfigDict) -> dict:
-  """Confusion matrix over the whole split (accumulated on device) -> metrics dict."""
+  """Confusion matrix over the whole split -> metrics dict."""
   bank = bank_fn(params)
-  confusion = None
-  for batch in eval_set.batches(config.eval.batch_size):
-    batch_confusion = confusion_fn(params, bank, batch)
-    confusion = batch_confusion if confusion is None else confusion + batch_confusion
-  confusion = np.asarray(confusion)
+  # Per-batch int32 matrices are summed on the host in int64 (a whole split can exceed 2^31 pixels);
+  # dispatch stays asynchronous because nothing is read back until the loop ends.
+  batch_confusions = [confusion_fn(params, bank, batch) for batch in eval_set.batches(config.eval.batch_size)]
+  confusion = np.sum([np.asarray(c, np.int64) for c in batch_confusions], axis=0)
   result = metrics_lib.segmentation_metrics(
       confusion, list(config.data.class_names) + [config.data.background_name],
       num_tissue_classes=len(config.data.class_names),

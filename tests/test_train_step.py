@@ -81,3 +81,39 @@ def test_multiscale_bce_matches_numpy():
   bce = np.maximum(x, 0) - x * labels + np.log1p(np.exp(-np.abs(x)))  # BCEWithLogits, stable form
   np.testing.assert_allclose(np.asarray(per_level), bce.mean(axis=(1, 2)), rtol=1e-5)
   np.testing.assert_allclose(float(loss), (weights * bce.mean(axis=(1, 2))).sum(), rtol=1e-5)
+
+
+def test_prototype_diversity_matches_numpy():
+  rng = np.random.default_rng(6)
+  cam = rng.normal(size=(2, 3, 3, 2 * 3))  # B=2, 3x3 pixels, C=2 classes x 3 prototypes
+  labels = np.array([[1, 0], [1, 1]])
+  value = float(train.prototype_diversity(jnp.asarray(cam, jnp.float32), jnp.asarray(labels), 2))
+  total, count = 0.0, 0
+  for b in range(2):
+    for c in range(2):
+      if not labels[b, c]:
+        continue
+      maps = cam[b].reshape(9, 2, 3)[:, c]
+      p = np.exp(maps) / np.exp(maps).sum(0)
+      pairs = [np.exp(-np.sum((p[:, k] - p[:, l]) * (np.log(p[:, k]) - np.log(p[:, l]))))
+               for k in range(3) for l in range(3) if k != l]
+      total += np.mean(pairs)
+      count += 1
+  assert value == pytest.approx(total / count, rel=1e-5)
+  identical = np.repeat(cam[..., :1], 6, axis=-1)  # all prototypes fire alike: J = 0, term = 1
+  assert float(train.prototype_diversity(jnp.asarray(identical, jnp.float32), jnp.asarray(labels), 2)) == \
+      pytest.approx(1.0, rel=1e-5)
+
+
+def test_train_step_with_diversity_term_runs_and_reports_it():
+  config = tiny_config()
+  config.train.diversity_weight = 0.1
+  model, tokenizer, prompt_ids = runtime.model_and_prompts(config)
+  params = builders.init_params(config, model, prompt_ids, tokenizer, jax.random.key(0))
+  optimizer, schedule = train.make_optimizer(config.train, total_steps=10)
+  step = train.make_train_step(model, config, prompt_ids, optimizer, schedule)
+  batch = {'images': jnp.zeros((4, 32, 32, 3), jnp.uint8), 'labels': jnp.ones((4, 4), jnp.int32)}
+  _, metrics = step(train.create_train_state(params, optimizer), batch, jax.random.key(0))
+  levels = sum(float(metrics[f'loss_level{i}']) for i in range(1, 5))
+  assert 0 < float(metrics['diversity']) <= 1
+  assert float(metrics['loss']) == pytest.approx(levels + 0.1 * float(metrics['diversity']), rel=1e-5)

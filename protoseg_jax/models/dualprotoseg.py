@@ -185,10 +185,18 @@ class DualProtoSeg(nn.Module):
                      preferred_element_type=jnp.float32)
     return self.logit_scales[level] * cam
 
-  def head_scores(self, taps: jax.Array, prompt_token_ids: jax.Array, train: bool) -> jax.Array:
-    """Trainable part of the training forward: tap maps `[T, B, h, w, D]` -> scores `[L, B, P]`."""
+  def head_scores(self, taps: jax.Array, prompt_token_ids: jax.Array, train: bool,
+                  cam_level: int = -1) -> tuple[jax.Array, jax.Array | None]:
+    """Trainable part of the training forward: tap maps `[T, B, h, w, D]` -> scores `[L, B, P]`.
+
+    With `cam_level >= 0` also returns that level's full CAM `[B, s, s, P]` (for the diversity term);
+    otherwise `None`, and no CAM is materialised.
+    """
     bank = self.prototype_bank(self.text_features(prompt_token_ids))
-    return self.prototype_scores(self.pyramid(taps, train), bank)
+    pixel_features = self.pyramid(taps, train)
+    scores = self.prototype_scores(pixel_features, bank)
+    cam = self.level_cam(pixel_features[cam_level], bank, cam_level) if cam_level >= 0 else None
+    return scores, cam
 
   def text_bank(self, prompt_token_ids: jax.Array) -> jax.Array:
     """Prompt ids `[C*M, L]` -> prototype bank `[P, F]`; computed once per evaluation, not per batch."""
@@ -207,6 +215,4 @@ class DualProtoSeg(nn.Module):
 
   def __call__(self, images: jax.Array, prompt_token_ids: jax.Array, train: bool = False) -> jax.Array:
     """Images `[B, H, W, 3]` -> prototype scores `[L, B, P]` (used for init and simple inference)."""
-    taps = self.trunk_taps(images)
-    bank = self.prototype_bank(self.text_features(prompt_token_ids))
-    return self.prototype_scores(self.pyramid(taps, train), bank)
+    return self.head_scores(self.trunk_taps(images), prompt_token_ids, train)[0]
