@@ -97,12 +97,19 @@ def main(argv):
   from protoseg_jax.data import bcss
 
   try:
-    if _MODE.value == 'train':
-      from protoseg_jax import metrics as metrics_lib, train
+    method = config.get('method', 'dualprotoseg')
+    if method == 'mpamatch':
+      from protoseg_jax.mpamatch import cli as mpamatch_cli
+
+      mpamatch_cli.run(_MODE.value, config, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
+    elif method != 'dualprotoseg':
+      raise UserError(f"config.method must be 'dualprotoseg' or 'mpamatch', got {method!r}")
+    elif _MODE.value == 'train':
+      from protoseg_jax import metrics as metrics_lib, trainer
 
       with open(os.path.join(workdir, 'config.json'), 'w') as handle:
         handle.write(config.to_json_best_effort(indent=2))
-      result = train.train_and_evaluate(config, workdir)
+      result = trainer.train_and_evaluate(config, workdir)
       print(f'final {config.data.eval_split} metrics:')
       print(metrics_lib.format_metrics_table(result))
     elif _MODE.value == 'eval':
