@@ -90,14 +90,19 @@ def init_params(config: ml_collections.ConfigDict, model: DualProtoSeg, prompt_i
   def init(params_key, dropout_key):
     return model.init({'params': params_key, 'dropout': dropout_key}, images, jnp.asarray(prompt_ids))
 
-  params = init(params_key, dropout_key)['params']
+  return set_prompt_context(config, model, init(params_key, dropout_key)['params'], tokenizer)
+
+
+def set_prompt_context(config: ml_collections.ConfigDict, model: DualProtoSeg, params: dict,
+                       tokenizer) -> dict:
+  """Sets the prompt context `[C, n_ctx, D]` as the reference does: the token embeddings of
+  `config.prompts.context_init` (from the current text tower's table) plus per-class N(0, std) noise."""
   init_ids = [tokenizer.bos_id] + tokenizer.encode(config.prompts.context_init) + [tokenizer.eos_id]
   table = np.asarray(params['text_encoder']['token_embedding']['embedding'])
   context = text_lib.initial_context(table, init_ids, model.config.num_classes, model.config.n_ctx,
                                      config.prompts.context_init_std,
                                      np.random.default_rng(config.seed))
-  params['prompt_learner']['ctx'] = jnp.asarray(context)
-  return params
+  return {**params, 'prompt_learner': {**params['prompt_learner'], 'ctx': jnp.asarray(context)}}
 
 
 def parameter_counts(params: dict) -> dict[str, int]:

@@ -1,10 +1,12 @@
 """Command line: `python -m protoseg_jax.main --config=configs/bcss.py --workdir=DIR --mode=train|eval|predict`.
 
 Config values are overridden with `--config.train.batch_size=8`-style flags.
-  train    trains, validating every epoch; checkpoints `last` and `best` (by val mIoU) in DIR/checkpoints.
+  train    trains, validating every epoch; resumable checkpoints and the best (by val mIoU) in DIR/checkpoints;
+           rerunning the same command resumes from the newest complete checkpoint.
   eval     evaluates a checkpoint (`--checkpoint=best|last`) on `--split` (default config.data.test_split);
            prints the metrics table and writes DIR/eval_<split>.json.
   predict  writes palette masks and colour overlays for every tile of `config.predict.input_dir`.
+  export   writes PyTorch safetensors named as the reference `ClsNetwork` and a timm trunk (`--out`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file with get_config().',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and outputs.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export'], 'What to run.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', 'Checkpoint name for eval/predict.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder for --mode=export (default: DIR/export).')
 _SPLIT = flags.DEFINE_string('split', None, 'Split for --mode=eval (default: config.data.test_split).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -30,27 +33,10 @@ class UserError(Exception):
   """An error in the user's input; printed as one line, without a traceback."""
 
 
-def _load_trained_params(config, workdir: str, model, tokenizer, prompt_ids):
-  import jax
+def _trained_params(config, workdir: str, model, tokenizer, prompt_ids) -> dict:
+  from protoseg_jax import trainer
 
-  from protoseg_jax import builders, checkpoints, runtime
-
-  params = runtime.initial_params(config, model, tokenizer, prompt_ids,
-                                  jax.random.split(jax.random.key(config.seed))[0])
-  trainable, frozen = builders.split_params(params)
-  manager = checkpoints.ParamsCheckpoints(os.path.join(workdir, 'checkpoints'))
-  if not manager.exists(_CHECKPOINT.value):
-    raise UserError(f'no checkpoint {_CHECKPOINT.value!r} under {manager.directory}: train first '
-                    f'(--mode=train with the same --workdir)')
-  trainable, meta = manager.restore(_CHECKPOINT.value, trainable)
-  fingerprint = runtime.frozen_fingerprint(params)
-  saved = meta.get('frozen_fingerprint')
-  if saved is not None and abs(saved - fingerprint) > 1e-6 * max(abs(saved), 1.0):
-    raise UserError(f'checkpoint {_CHECKPOINT.value!r} was trained with different frozen towers '
-                    f'(config.seed or config.backbone differ from the training run)')
-  logging.info('restored checkpoint %r (step %s, val mIoU %s)', _CHECKPOINT.value, meta.get('step'),
-               meta.get('mIoU'))
-  return {**frozen, **trainable}
+  return trainer.trained_params(config, workdir, _CHECKPOINT.value, model, tokenizer, prompt_ids)[0]
 
 
 def run_eval(config, workdir: str) -> dict:
@@ -59,7 +45,7 @@ def run_eval(config, workdir: str) -> dict:
 
   split = _SPLIT.value or config.data.test_split
   model, tokenizer, prompt_ids = runtime.model_and_prompts(config)
-  params = _load_trained_params(config, workdir, model, tokenizer, prompt_ids)
+  params = _trained_params(config, workdir, model, tokenizer, prompt_ids)
   root = pipeline.resolve_root(config.data, workdir)
   eval_set = pipeline.load_eval_set(root, split, model.config.num_classes, config.data.image_size,
                                     config.data.decode_threads)
@@ -77,24 +63,41 @@ def run_predict(config, workdir: str) -> str:
   from protoseg_jax import predict, runtime
 
   model, tokenizer, prompt_ids = runtime.model_and_prompts(config)
-  params = _load_trained_params(config, workdir, model, tokenizer, prompt_ids)
+  params = _trained_params(config, workdir, model, tokenizer, prompt_ids)
   output_dir = config.predict.output_dir or os.path.join(workdir, 'predictions')
   count = predict.predict_folder(config, model, params, prompt_ids, config.predict.input_dir, output_dir)
   print(f'wrote {count} masks and overlays to {output_dir}')
   return output_dir
 
 
+def run_export(config, workdir: str) -> dict:
+  from protoseg_jax import export, runtime
+
+  model, tokenizer, prompt_ids = runtime.model_and_prompts(config)
+  params = _trained_params(config, workdir, model, tokenizer, prompt_ids)
+  paths = export.export(config, params, _OUT.value or os.path.join(workdir, 'export'))
+  for kind, path in paths.items():
+    print(f'{kind:>6}: {path}')
+  return paths
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config, workdir = _CONFIG.value, _WORKDIR.value
+  from protoseg_jax import checkpoints, sharding
+  from protoseg_jax.data import bcss
+
+  if 'sharding' in config:
+    sharding.initialize_distributed(config)  # before any other JAX call
+  import jax
+
   os.makedirs(workdir, exist_ok=True)
-  logging.get_absl_handler().use_absl_log_file('log', workdir)
+  log_name = 'log' if jax.process_count() == 1 else f'log.process{jax.process_index()}'
+  logging.get_absl_handler().use_absl_log_file(log_name, workdir)
   logging.set_stderrthreshold('info')
   py_logging.getLogger('absl').setLevel(py_logging.INFO)
-
-  from protoseg_jax import checkpoints
-  from protoseg_jax.data import bcss
+  logging.get_absl_handler().addFilter(_quiet_library_info)
 
   try:
     method = config.get('method', 'dualprotoseg')
@@ -107,13 +110,19 @@ def main(argv):
     elif _MODE.value == 'train':
       from protoseg_jax import metrics as metrics_lib, trainer
 
-      with open(os.path.join(workdir, 'config.json'), 'w') as handle:
-        handle.write(config.to_json_best_effort(indent=2))
+      if sharding.is_primary():
+        with open(os.path.join(workdir, 'config.json'), 'w') as handle:
+          handle.write(config.to_json_best_effort(indent=2))
       result = trainer.train_and_evaluate(config, workdir)
-      print(f'final {config.data.eval_split} metrics:')
-      print(metrics_lib.format_metrics_table(result))
+      if 'stopped_at_step' in result:
+        print(f'stopped at step {result["stopped_at_step"]}; rerun the same command to resume')
+      else:
+        print(f'final {config.data.eval_split} metrics:')
+        print(metrics_lib.format_metrics_table(result))
     elif _MODE.value == 'eval':
       run_eval(config, workdir)
+    elif _MODE.value == 'export':
+      run_export(config, workdir)
     else:
       run_predict(config, workdir)
   except (UserError, bcss.DatasetError, checkpoints.CheckpointError, FileNotFoundError,
@@ -124,6 +133,11 @@ def main(argv):
       raise
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
+
+
+def _quiet_library_info(record: py_logging.LogRecord) -> bool:
+  """Drops Orbax's per-save INFO chatter from the console and log file (warnings and errors stay)."""
+  return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def _is_config_error(error: ValueError) -> bool:

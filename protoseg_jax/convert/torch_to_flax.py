@@ -6,6 +6,7 @@ Every missing key, unexpected key or shape mismatch raises `ValueError` naming t
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Mapping
 
@@ -45,6 +46,27 @@ class _Reader:
                        f'the checkpoint does not match the config')
 
 
+def _pos_embed(reader: _Reader, key: str, num_prefix: int, config: VitConfig, squeeze: bool = False):
+  """The position table `[1, prefix + G*G, D]`, bilinearly resized when the file's grid G differs."""
+  if key not in reader.arrays:
+    raise ValueError(f'{reader.source}: key {key!r} is missing')
+  table = np.asarray(reader.arrays[key], np.float32)
+  table = table[None] if squeeze else table
+  tokens = table.shape[1] - num_prefix
+  side = int(round(np.sqrt(max(tokens, 0))))
+  if table.ndim != 3 or table.shape[2] != config.width or side * side != tokens:
+    raise ValueError(f'{reader.source}: key {key!r} has shape {tuple(np.shape(reader.arrays[key]))}, not a '
+                     f'square position table of width {config.width}')
+  reader.used.add(key)
+  if side == config.pos_embed_grid:
+    return table
+  from protoseg_jax.models.vit import resize_pos_embed  # jax: only needed for a resize
+  logging.info('%s: resizing position embeddings %dx%d -> %dx%d (config.model.vit.pos_embed_grid)',
+               reader.source, side, side, config.pos_embed_grid, config.pos_embed_grid)
+  grid = (config.pos_embed_grid, config.pos_embed_grid)
+  return np.asarray(resize_pos_embed(table, num_prefix, grid), np.float32)
+
+
 def _linear(reader: _Reader, key: str, in_features: int, out_features: int, bias: bool = True) -> dict:
   out = {'kernel': reader.take(f'{key}.weight', (out_features, in_features)).T}
   if bias:
@@ -65,7 +87,7 @@ def vit_from_timm(state_dict: Mapping[str, np.ndarray], config: VitConfig, prefi
   params = {
       'patch_embed': {'kernel': reader.take('patch_embed.proj.weight', (width, 3, patch, patch)).transpose(
           2, 3, 1, 0), 'bias': reader.take('patch_embed.proj.bias', (width,))},
-      'pos_embed': reader.take('pos_embed', (1, num_prefix + config.pos_embed_grid ** 2, width)),
+      'pos_embed': _pos_embed(reader, 'pos_embed', num_prefix, config),
   }
   if config.class_token:
     params['cls_token'] = reader.take('cls_token', (1, 1, width))
@@ -118,4 +140,89 @@ def text_from_hf_clip(state_dict: Mapping[str, np.ndarray], config: TextConfig,
   reader.finish((r'embeddings\.position_ids',))
   projection = _Reader(state_dict, '', 'HF CLIP text checkpoint')
   params['text_projection'] = projection.take(projection_key, (config.embed_dim, width)).T
+  return params
+
+
+# CONCH (open_clip CoCa) keys outside the two towers DualProtoSeg uses: attentional poolers, the caption
+# decoder, the contrastive projection and temperature, and the text tower's CLS embedding (the reference
+# code's text forward never appends it).
+IGNORED_CONCH_KEYS = (r'visual\.attn_pool_contrast\..*', r'visual\.ln_contrast\..*', r'visual\.proj_contrast',
+                      r'visual\.attn_pool_caption\..*', r'visual\.ln_caption\..*', r'visual\.head\..*',
+                      r'text_decoder\..*', r'logit_scale', r'text\.cls_emb', r'text\.attn_mask')
+
+
+def text_from_open_clip(state_dict: Mapping[str, np.ndarray], config: TextConfig,
+                        prefix: str = 'text.') -> dict:
+  """open_clip / CONCH `TextTransformer` weights (`token_embedding`, `transformer.resblocks.*`, ...)."""
+  reader = _Reader(state_dict, prefix, 'open_clip text checkpoint')
+  width, hidden = config.width, int(config.width * config.mlp_ratio)
+  params = {
+      'token_embedding': {'embedding': reader.take('token_embedding.weight', (config.vocab_size, width))},
+      'positional_embedding': reader.take('positional_embedding', (config.context_table, width)),
+      'ln_final': _norm(reader, 'ln_final', width),
+      'text_projection': reader.take('text_projection', (width, config.embed_dim)),
+  }
+  for index in range(config.depth):
+    name = f'transformer.resblocks.{index}'
+    params[f'resblocks_{index}'] = {
+        'ln_1': _norm(reader, f'{name}.ln_1', width),
+        'attn': {'in_proj': {'kernel': reader.take(f'{name}.attn.in_proj_weight', (3 * width, width)).T,
+                             'bias': reader.take(f'{name}.attn.in_proj_bias', (3 * width,))},
+                 'out_proj': _linear(reader, f'{name}.attn.out_proj', width, width)},
+        'ln_2': _norm(reader, f'{name}.ln_2', width),
+        'c_fc': _linear(reader, f'{name}.mlp.c_fc', width, hidden),
+        'c_proj': _linear(reader, f'{name}.mlp.c_proj', hidden, width),
+    }
+  reader.finish((r'cls_emb', r'attn_mask'))
+  return params
+
+
+def towers_from_conch(state_dict: Mapping[str, np.ndarray], vit: VitConfig, text: TextConfig) -> dict:
+  """A CONCH / open_clip CoCa checkpoint -> `{'trunk': ..., 'text_encoder': ...}`.
+
+  Every key must be used by a tower or be one of the known unused CoCa heads (`IGNORED_CONCH_KEYS`).
+  """
+  towers = {'trunk': vit_from_timm(state_dict, vit, prefix='visual.trunk.'),
+            'text_encoder': text_from_open_clip(state_dict, text, prefix='text.')}
+  towers_prefixes = ('visual.trunk.', 'text.')
+  surplus = [key for key in sorted(state_dict) if not key.startswith(towers_prefixes)
+             and not any(re.fullmatch(pattern, key) for pattern in IGNORED_CONCH_KEYS)]
+  if surplus:
+    raise ValueError(f'CONCH checkpoint: unexpected key {surplus[0]!r} ({len(surplus)} unknown in all); '
+                     'is this an open_clip CoCa / CONCH state dict?')
+  return towers
+
+
+def vit_from_hf_clip(state_dict: Mapping[str, np.ndarray], config: VitConfig,
+                     prefix: str = 'vision_model.') -> dict:
+  """transformers `CLIPVisionModel` weights -> a `pre_norm=True` trunk (blocks up to the last tap)."""
+  if not config.pre_norm or not config.class_token:
+    raise ValueError('HF CLIP vision towers need config.model.vit.pre_norm=True and class_token=True')
+  reader = _Reader(state_dict, prefix, 'HF CLIP vision checkpoint')
+  width, patch = config.width, config.patch_size
+  hidden = int(width * config.mlp_ratio)
+  params = {
+      'patch_embed': {'kernel': reader.take('embeddings.patch_embedding.weight',
+                                            (width, 3, patch, patch)).transpose(2, 3, 1, 0)},
+      'cls_token': reader.take('embeddings.class_embedding', (width,)).reshape(1, 1, width),
+      'pos_embed': _pos_embed(reader, 'embeddings.position_embedding.weight', 1, config, squeeze=True),
+      'norm_pre': _norm(reader, 'pre_layrnorm', width),
+  }
+  last = max(config.taps)
+  for index in range(config.depth):
+    name = f'encoder.layers.{index}'
+    if index > last:
+      reader.used.update(key for key in reader.arrays if key.startswith(name + '.'))
+      continue
+    q, k, v = (_linear(reader, f'{name}.self_attn.{p}_proj', width, width) for p in ('q', 'k', 'v'))
+    params[f'blocks_{index}'] = {
+        'norm1': _norm(reader, f'{name}.layer_norm1', width),
+        'attn': {'qkv': {'kernel': np.concatenate([q['kernel'], k['kernel'], v['kernel']], axis=1),
+                         'bias': np.concatenate([q['bias'], k['bias'], v['bias']])},
+                 'proj': _linear(reader, f'{name}.self_attn.out_proj', width, width)},
+        'norm2': _norm(reader, f'{name}.layer_norm2', width),
+        'mlp': {'fc1': _linear(reader, f'{name}.mlp.fc1', width, hidden),
+                'fc2': _linear(reader, f'{name}.mlp.fc2', hidden, width)},
+    }
+  reader.finish((r'embeddings\.position_ids', r'post_layernorm\..*'))
   return params

@@ -1,8 +1,9 @@
 """Initialisers and small layers shared by the models.
 
-PyTorch's default `nn.Conv2d` / `nn.Linear` initialisation (kaiming-uniform with a = sqrt(5), bias
-uniform in +-1/sqrt(fan_in)) is reproduced so that freshly built heads start from the same distribution as
-the reference code's.
+Freshly built heads start from the same distributions as the reference code's: its refiner and pyramid
+convolutions are re-initialised with `kaiming_normal_(mode='fan_out', nonlinearity='relu')` (weights only;
+biases keep PyTorch's default U(+-1/sqrt(fan_in))), and `nn.Linear` layers it does not re-initialise keep
+PyTorch's default kaiming-uniform(a = sqrt(5)).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ Dtype = Any
 
 # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)) == variance_scaling(1/3, fan_in, uniform).
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+# kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / (out_channels * kh * kw)), untruncated.
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def torch_default_bias_init(fan_in: int):
@@ -51,9 +55,9 @@ def activation(name: str):
 
 def conv(features: int, kernel_size: int, in_features: int, use_bias: bool, dtype: Dtype,
          name: str) -> nn.Conv:
-  """NHWC 'SAME' convolution with PyTorch's default init, `dtype` compute and f32 params."""
+  """NHWC 'SAME' convolution, `dtype` compute and f32 params; the reference heads' init (module doc)."""
   return nn.Conv(features, (kernel_size, kernel_size), padding='SAME', use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=torch_default_kernel_init,
+                 param_dtype=jnp.float32, kernel_init=kaiming_normal_fan_out,
                  bias_init=torch_default_bias_init(in_features * kernel_size * kernel_size), name=name)
 
 

@@ -1,0 +1,114 @@
+"""Host input throughput: decoded (+ augmented) tiles per second, Grain over records vs the loose-PNG reader.
+
+  python -m protoseg_jax.data.bench --folder=/tmp/bench_bcss --synthetic_train=256 --image_size=224
+
+writes (once) a synthetic set of `--synthetic_train` training tiles to `--folder`, converts it to
+`--records` (default `<folder>_records`), then times each pipeline for `--batches` batches after one
+warm-up batch (which absorbs worker start-up). Without `--synthetic_train`, `--folder` must be a BCSS-WSSS
+folder. Columns: img/s is wall-clock throughput; img/s per core is tiles per CPU-second spent by the
+pipeline's process and its worker processes (worker CPU needs psutil; '-' without it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+from absl import app, flags
+
+from protoseg_jax import config_defaults
+from protoseg_jax.data import convert, pipeline, records, synthetic
+
+_FOLDER = flags.DEFINE_string('folder', None, 'BCSS-WSSS folder (written there with --synthetic_train > 0).')
+_RECORDS = flags.DEFINE_string('records', None, 'Converted records (default <folder>_records; converted '
+                               'from --folder if absent).')
+_SYNTHETIC_TRAIN = flags.DEFINE_integer('synthetic_train', 0, 'Write a synthetic set with this many '
+                                        'training tiles to --folder first.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Tile size.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Batch size.')
+_BATCHES = flags.DEFINE_integer('batches', 8, 'Timed batches per pipeline (after one warm-up batch).')
+_THREADS = flags.DEFINE_list('threads', ['1', str(os.cpu_count() or 1)], 'Decode thread counts to time.')
+_WORKERS = flags.DEFINE_list('workers', ['2'],
+                             'Grain worker-process counts to time (records, 1 thread each).')
+_AUGMENT_ON = flags.DEFINE_list('augment_on', ['host'], "'host' = decode + flips/rot90 + normalise on the "
+                                "host; 'device' = decode only (uint8 out).")
+
+
+def _cpu_seconds(include_children: bool) -> Optional[float]:
+  """CPU time of this process (all threads) plus, if psutil is importable, its live child processes."""
+  total = time.process_time()
+  if include_children:
+    try:
+      import psutil  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return None
+    for child in psutil.Process().children(recursive=True):
+      try:
+        times = child.cpu_times()
+        total += times.user + times.system
+      except psutil.Error:
+        pass
+  return total
+
+
+def time_pipeline(data_config, root: str, batch_size: int, batches: int,
+                  workers: int) -> tuple[float, Optional[float]]:
+  """-> (images per wall second, images per CPU second) over `batches` batches after one warm-up batch."""
+  source = pipeline.make_train_source(data_config, root, batch_size, seed=0)
+  iterator = source.iterator()
+  try:
+    next(iterator)
+    wall, cpu = time.perf_counter(), _cpu_seconds(workers > 0)
+    for _ in range(batches):
+      next(iterator)
+    wall = time.perf_counter() - wall
+    cpu_end = _cpu_seconds(workers > 0)
+  finally:
+    iterator.close()
+  images = batches * batch_size
+  per_cpu = None if cpu is None or cpu_end is None else images / max(cpu_end - cpu, 1e-9)
+  return images / wall, per_cpu
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  folder = _FOLDER.value
+  if not folder:
+    raise app.UsageError('--folder is required')
+  if _SYNTHETIC_TRAIN.value > 0:
+    synthetic.write_bcss_layout(folder, num_train=_SYNTHETIC_TRAIN.value, num_val=0, num_test=0,
+                                size=_IMAGE_SIZE.value, seed=0)
+  records_root = _RECORDS.value or folder.rstrip('/') + '_records'
+  if not records.is_records_dir(records_root):
+    convert.convert_dataset(folder, records_root, splits=('train',))
+  base = config_defaults.dualprotoseg_config().data
+  base.image_size = _IMAGE_SIZE.value
+  batches = _BATCHES.value
+  needed = (batches + 1) * _BATCH_SIZE.value
+  rows = []
+  for augment_on in _AUGMENT_ON.value:
+    runs = [('records (Grain)', 'records', threads, 0) for threads in map(int, _THREADS.value)]
+    runs += [('records (Grain)', 'records', 1, workers) for workers in map(int, _WORKERS.value)]
+    runs += [('loose PNG', 'folder', threads, 0) for threads in map(int, _THREADS.value)]
+    for name, kind, threads, workers in runs:
+      config = base.copy_and_resolve_references()
+      config.kind, config.augment_on = kind, augment_on
+      config.decode_threads, config.prefetch_batches = threads, 2
+      config.grain.update(read_threads=threads, prefetch_buffer_size=max(2 * threads, 2),
+                          worker_count=workers)
+      root = records_root if kind == 'records' else folder
+      wall, per_cpu = time_pipeline(config, root, _BATCH_SIZE.value, batches, workers)
+      rows.append((name, augment_on, threads, workers, wall, per_cpu))
+  print(f'{needed} tiles of {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} per pipeline ({_BATCH_SIZE.value} x '
+        f'{batches} timed + 1 warm-up batch), {os.cpu_count()} CPU cores visible')
+  print(f'| pipeline | augment on | threads | workers | img/s | img/s per core |')
+  print('| --- | --- | --- | --- | --- | --- |')
+  for name, augment_on, threads, workers, wall, per_cpu in rows:
+    per_core = '-' if per_cpu is None else f'{per_cpu:.0f}'
+    print(f'| {name} | {augment_on} | {threads} | {workers} | {wall:.0f} | {per_core} |')
+
+
+if __name__ == '__main__':
+  app.run(main)
