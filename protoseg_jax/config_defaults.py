@@ -36,7 +36,9 @@ def dualprotoseg_config() -> ml_collections.ConfigDict:
 
   # --- data ----------------------------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()
-  config.data.kind = 'folder'              # 'folder' (BCSS-WSSS layout) or 'synthetic' (written on demand)
+  # 'folder' (BCSS-WSSS layout), 'records' (root = the output of `python -m protoseg_jax.data.convert`,
+  # read with Grain) or 'synthetic' (written on demand).
+  config.data.kind = 'folder'
   config.data.root = '/data/BCSS-WSSS'
   config.data.class_names = BCSS_CLASS_NAMES
   config.data.background_name = 'BACK'
@@ -54,6 +56,15 @@ def dualprotoseg_config() -> ml_collections.ConfigDict:
   config.data.synthetic.num_val = 0
   config.data.synthetic.num_test = 0
   config.data.synthetic.seed = 0
+  config.data.synthetic.format = 'folder'  # 'records': also converted to <root>_records and read with Grain
+  # 'device': the host ships uint8 tiles, the jitted step flips / rotates / normalises them (4x less
+  # host->device traffic). 'host': Grain / the folder reader does it and ships normalised float32.
+  config.data.augment_on = 'device'
+  config.data.grain = ml_collections.ConfigDict()   # kind='records' only
+  config.data.grain.worker_count = 0       # Grain worker processes (0 = decode in threads of this process)
+  config.data.grain.worker_buffer_size = 2  # batches each worker prepares ahead
+  config.data.grain.read_threads = 8       # threads per process, each decoding whole batches
+  config.data.grain.prefetch_buffer_size = 16  # batches read ahead per process (>= read_threads)
   config.data.augment = ml_collections.ConfigDict()
   config.data.augment.hflip = True         # p = 0.5
   config.data.augment.vflip = True         # p = 0.5
@@ -69,8 +80,18 @@ def dualprotoseg_config() -> ml_collections.ConfigDict:
 
   # --- pretrained towers ---------------------------------------------------------------------------
   config.backbone = ml_collections.ConfigDict()
-  config.backbone.source = 'none'          # 'none' = random frozen towers (demo, tests only)
+  # 'none'    random frozen towers drawn from config.seed (demo, tests only)
+  # 'conch'   an open_clip CoCa checkpoint file (CONCH `pytorch_model.bin` / .safetensors): trunk under
+  #           `visual.trunk.*`, text tower under `text.*`
+  # 'hf_clip' a transformers CLIPModel folder (config.json + model.safetensors / pytorch_model.bin): PLIP,
+  #           OpenAI CLIP; set config.model.vit.pre_norm=True, activation='quick_gelu' as its config says
+  # 'timm'    a timm VisionTransformer state dict for the trunk (UNI-style); the text tower then comes
+  #           from config.backbone.text_path (a 'conch' file or 'hf_clip' folder) or stays random if ''
+  config.backbone.source = 'none'
   config.backbone.path = ''
+  config.backbone.text_source = ''         # for source='timm': 'conch' | 'hf_clip' | '' (random text)
+  config.backbone.text_path = ''
+  config.backbone.checkpoint_key = ''      # dict key holding the state dict inside the file, '' = auto
 
   # --- model ---------------------------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
@@ -88,7 +109,7 @@ def dualprotoseg_config() -> ml_collections.ConfigDict:
   config.model.vit = ml_collections.ConfigDict(dict(
       patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0, pos_embed_grid=28,
       layer_norm_eps=1e-6, qkv_bias=True, class_token=True, layer_scale_init=None, activation='gelu',
-      taps=(2, 5, 8, 11)))
+      taps=(2, 5, 8, 11), pre_norm=False))
   config.model.text = ml_collections.ConfigDict(dict(
       vocab_size=32007, context_table=128, context_length=77, width=768, depth=12, num_heads=12,
       mlp_ratio=4.0, embed_dim=512, layer_norm_eps=1e-5, activation='gelu',
@@ -122,6 +143,16 @@ def dualprotoseg_config() -> ml_collections.ConfigDict:
   config.train.eval_every_epochs = 1
   config.train.max_steps = -1              # > 0 stops early (benchmarks, smoke runs)
 
+  # --- checkpoints (protoseg_jax/checkpoints.py) ---------------------------------------------------
+  # <workdir>/checkpoints/steps/<step>: train state + data iterator state, every `every_steps`, at each
+  # validation and on preemption (SIGTERM); the last `keep` are kept. <workdir>/checkpoints/best/<step>:
+  # trainable params of the best val mIoU. --mode=train resumes from the newest complete one.
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 1000
+  config.checkpoint.keep = 3
+  config.checkpoint.async_save = True      # write in the background while training continues
+  config.checkpoint.resume = True          # False = refuse to start when the workdir holds checkpoints
+
   # --- evaluation: CAM -> mask ---------------------------------------------------------------------
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32
@@ -138,5 +169,51 @@ def dualprotoseg_config() -> ml_collections.ConfigDict:
   config.predict.input_dir = ''
   config.predict.output_dir = ''
   config.predict.overlay_alpha = 0.5
+
+  # --- device mesh (protoseg_jax/sharding.py) ------------------------------------------------------
+  # Axis sizes; -1 = the devices that remain. The batch is split over data x fsdp; fsdp also splits the
+  # parameters and optimizer state; tensor splits heads / MLP / conv output channels.
+  # e.g. --config.mesh.data=2 --config.mesh.fsdp=4 on 8 chips.
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+
+  # --- sharding rules and multi-host ---------------------------------------------------------------
+  config.sharding = ml_collections.ConfigDict()
+  # Logical axis name -> mesh axis (or tuple of axes, or None = replicated), in priority order. A rule
+  # applies to a dimension only if its mesh axes are still free in that array and divide the size (else
+  # that dimension is replicated, logged). Parameter names: protoseg_jax.sharding.PARAM_AXES.
+  config.sharding.logical_rules = (
+      # activations
+      ('batch', ('data', 'fsdp')),
+      ('act_heads', 'tensor'),
+      ('act_mlp', 'tensor'),
+      ('act_embed', None),
+      ('act_channels', None),
+      ('length', None),
+      ('prompts', None),
+      # parameters: tensor parallelism splits the wide side of each matrix / conv outputs ...
+      ('qkv', 'tensor'),
+      ('heads', 'tensor'),
+      ('mlp', 'tensor'),
+      ('conv_out', 'tensor'),
+      # ... FSDP the model width, conv inputs and the prototype space
+      ('embed', 'fsdp'),
+      ('conv_in', 'fsdp'),
+      ('feature', 'fsdp'),
+      # fallback: a width not split otherwise (token / position tables, prompt context) goes over tensor
+      ('embed', 'tensor'),
+      ('vocab', None),
+      ('position', None),
+      ('joint', None),
+      ('prototypes', None),
+      ('classes', None),
+      ('context', None),
+      ('vector', None),
+  )
+  # 'auto': jax.distributed.initialize() when the environment names several processes (coordinator
+  # address, SLURM / Open MPI tasks, TPU worker list); 'on': always (multi-host TPU VMs); 'off': never.
+  config.sharding.distributed = 'auto'
+  config.sharding.coordinator_address = ''  # explicit multi-node set-up ('' = auto-detect)
+  config.sharding.num_processes = -1
+  config.sharding.process_id = -1
 
   return config

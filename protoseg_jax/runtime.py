@@ -36,8 +36,9 @@ def initial_params(config: ml_collections.ConfigDict, model: DualProtoSeg, token
   Imported towers replace the random ones before the prompt context is drawn from the token table, so
   the context starts from the pretrained embeddings of `config.prompts.context_init`.
   """
-  params = builders.init_params(config, model, prompt_ids, tokenizer, rng)
+  # Files first: a bad path or checkpoint fails before any compilation.
   towers = pretrained.load_towers(config.backbone, model.config.vit, model.config.text)
+  params = builders.init_params(config, model, prompt_ids, tokenizer, rng)
   if not towers:
     return params
   for name, tower in towers.items():

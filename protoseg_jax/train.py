@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from protoseg_jax import augment, builders, cam, metrics as metrics_lib, ops
+from protoseg_jax import augment, builders, cam, metrics as metrics_lib, ops, sharding
 from protoseg_jax.data import pipeline
 from protoseg_jax.models.dualprotoseg import DualProtoSeg
 
@@ -50,6 +50,20 @@ def create_train_state(params: dict, optimizer: optax.GradientTransformation) ->
   trainable, frozen = builders.split_params(params)
   return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                     opt_state=optimizer.init(trainable))
+
+
+def create_sharded_train_state(params: dict, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                               rules) -> tuple[TrainState, TrainState]:
+  """-> (state laid out on `mesh` by `rules`, the state's tree of `NamedSharding`s).
+
+  `params` are host or single-device values, identical on every process; they are placed shard by shard
+  and the optimizer state is created directly sharded (never whole on one device).
+  """
+  abstract = jax.eval_shape(lambda p: create_train_state(p, optimizer), params)
+  shardings = sharding.train_state_shardings(abstract, mesh, rules)
+  placed = sharding.place_tree(params, {**shardings.frozen, **shardings.trainable})
+  state = jax.jit(lambda p: create_train_state(p, optimizer), out_shardings=shardings)(placed)
+  return state, shardings
 
 
 def multiscale_bce(level_scores: jax.Array, labels: jax.Array, num_classes: int, merge: str,
@@ -98,13 +112,17 @@ def train_step_fn(model: DualProtoSeg, config: ml_collections.ConfigDict, prompt
                      f'{len(model.config.pyramid_channels)} pyramid levels')
   prompt_ids = jnp.asarray(prompt_ids)
   diversity_level = train_config.diversity_level - 1 if train_config.diversity_weight > 0 else -1
+  augment_on_device = data.get('augment_on', 'device') == 'device'
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
     augment_key, dropout_key = jax.random.split(step_rng)
-    images = augment.flip_rotate(augment_key, batch['images'], data.augment.hflip, data.augment.vflip,
-                                 data.augment.rot90)
-    images = augment.normalize(images, data.mean, data.std)
+    if augment_on_device:
+      images = augment.flip_rotate(augment_key, batch['images'], data.augment.hflip, data.augment.vflip,
+                                   data.augment.rot90)
+      images = augment.normalize(images, data.mean, data.std)
+    else:  # the input pipeline already flipped, rotated and normalised them (float32)
+      images = batch['images']
     taps = model.apply({'params': state.params}, images, method=DualProtoSeg.trunk_taps)
     taps = jax.lax.stop_gradient(taps)
 
@@ -136,6 +154,16 @@ def make_train_step(model: DualProtoSeg, config: ml_collections.ConfigDict, prom
   return jax.jit(train_step_fn(model, config, prompt_ids, optimizer, schedule), donate_argnums=(0,))
 
 
+def make_sharded_train_step(model: DualProtoSeg, config: ml_collections.ConfigDict, prompt_ids: np.ndarray,
+                            optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                            mesh: jax.sharding.Mesh, state_shardings: TrainState) -> Callable:
+  """`(state, global batch, rng) -> (state, metrics)` on `mesh`: state by `state_shardings` (donated), the
+  batch split over ('data', 'fsdp'), activations constrained by `config.sharding.logical_rules`."""
+  sharding.check_global_batch(config.train.batch_size, mesh)
+  return sharding.jit_train_step(train_step_fn(model, config, prompt_ids, optimizer, schedule), mesh,
+                                 state_shardings, config.sharding.logical_rules)
+
+
 def make_mask_fn(model: DualProtoSeg, config: ml_collections.ConfigDict) -> Callable:
   """Pure `(params, bank, images uint8 [B, H, W, 3], labels [B, C]) -> masks [B, H, W] int32 in 0..C`.
 
@@ -164,24 +192,53 @@ def make_mask_fn(model: DualProtoSeg, config: ml_collections.ConfigDict) -> Call
   return mask_fn
 
 
-def make_bank_fn(model: DualProtoSeg, prompt_ids: np.ndarray) -> Callable:
-  """Jitted `params -> bank [P, F]`: the text tower runs once per evaluation, not per batch."""
+def make_bank_fn(model: DualProtoSeg, prompt_ids: np.ndarray, mesh: Optional[jax.sharding.Mesh] = None,
+                 param_shardings: Any = None, rules=None) -> Callable:
+  """Jitted `params -> bank [P, F]`: the text tower runs once per evaluation, not per batch.
+
+  With `mesh`, params come laid out by `param_shardings` and the bank is replicated.
+  """
   prompt_ids = jnp.asarray(prompt_ids)
-  return jax.jit(lambda params: model.apply({'params': params}, prompt_ids, method=DualProtoSeg.text_bank))
+  bank_fn = lambda params: model.apply({'params': params}, prompt_ids, method=DualProtoSeg.text_bank)
+  if mesh is None:
+    return jax.jit(bank_fn)
+  return sharding.jit_sharded(bank_fn, mesh, rules, in_shardings=(param_shardings,),
+                              out_shardings=sharding.replicated(mesh))
 
 
-def make_eval_fns(model: DualProtoSeg, config: ml_collections.ConfigDict, prompt_ids: np.ndarray):
-  """Returns jitted `bank_fn(params)` and `confusion_fn(params, bank, batch) -> [K, K] int32`."""
+def make_eval_fns(model: DualProtoSeg, config: ml_collections.ConfigDict, prompt_ids: np.ndarray,
+                  mesh: Optional[jax.sharding.Mesh] = None, param_shardings: Any = None):
+  """Returns jitted `bank_fn(params)` and `confusion_fn(params, bank, batch) -> [K, K] int32`.
+
+  With `mesh` (and `param_shardings`, the layout of `state.params`, e.g. `{**shardings.frozen,
+  **shardings.trainable}`), each eval batch is split over ('data', 'fsdp') and the confusion matrix comes
+  back replicated (the same on every process). `batch` is then this host's rows of the global batch
+  (`config.eval.batch_size / process_count`, as `pipeline.EvalSource.batches` gives) or the whole global
+  batch, identical on every host. `config.eval.batch_size` must be divisible by the data-parallel size.
+  """
   mask_fn = make_mask_fn(model, config)
   num_values = model.config.num_classes + 1
 
-  @jax.jit
-  def confusion_fn(params, bank, batch):
+  def confusion(params, bank, batch):
     masks = mask_fn(params, bank, batch['images'], batch['labels'])
     valid = jnp.broadcast_to(batch['valid'][:, None, None], masks.shape)
     return metrics_lib.confusion_matrix(batch['masks'], masks, num_values, valid=valid)
 
-  return make_bank_fn(model, prompt_ids), confusion_fn
+  if mesh is None:
+    return make_bank_fn(model, prompt_ids), jax.jit(confusion)
+  if param_shardings is None:
+    raise ValueError('make_eval_fns: a mesh needs param_shardings (the layout of the params passed in)')
+  sharding.check_global_batch(config.eval.batch_size, mesh, 'config.eval.batch_size')
+  rules = config.sharding.logical_rules
+  replicated = sharding.replicated(mesh)
+  sharded_confusion = sharding.jit_sharded(
+      confusion, mesh, rules, in_shardings=(param_shardings, replicated, sharding.batch_sharding(mesh)),
+      out_shardings=replicated)
+
+  def confusion_fn(params, bank, batch):
+    return sharded_confusion(params, bank, sharding.shard_host_batch(batch, mesh, config.eval.batch_size))
+
+  return make_bank_fn(model, prompt_ids, mesh, param_shardings, rules), confusion_fn
 
 
 def evaluate(params: dict, eval_set: pipeline.EvalSet, bank_fn, confusion_fn,

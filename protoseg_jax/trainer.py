@@ -167,8 +167,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def save(step: int, extra: Optional[dict] = None) -> None:
     nonlocal saved_step
     if step != saved_step:
-      manager.save(step, _resumable(state), batches.get_state(),
-                   _checkpoint_meta(step, fingerprint, step_key, extra))
+      data_state = batches.get_state()
+      if jax.process_count() > 1:
+        # One JSON item is written for all hosts, and a host's Grain state describes its own shard; the
+        # batches are a pure function of (seed, step), so the step alone restores every host exactly.
+        data_state = {'step': data_state['step']}
+      manager.save(step, _resumable(state), data_state, _checkpoint_meta(step, fingerprint, step_key, extra))
       saved_step = step
 
   last_eval: dict = {}

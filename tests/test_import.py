@@ -17,19 +17,12 @@ transformers = pytest.importorskip('transformers')
 from protoseg_jax import runtime  # noqa: E402
 from protoseg_jax.convert import torch_files, torch_to_flax  # noqa: E402
 from protoseg_jax.models.dualprotoseg import DualProtoSeg  # noqa: E402
-from protoseg_jax.models.text import TextConfig, TextTransformer  # noqa: E402
+from protoseg_jax.models.text import TextTransformer  # noqa: E402
 from protoseg_jax.models.vit import VitConfig, VisionTransformer  # noqa: E402
 import tiny_config  # noqa: E402
-from torch_reference import OpenClipText  # noqa: E402
+from torch_reference import OpenClipText, perturb_  # noqa: E402
 
 F = torch.nn.functional
-
-
-def perturb_(module, seed):
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for parameter in module.parameters():
-      parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
 # --- the torch-free reader ------------------------------------------------------------------------------
@@ -120,6 +113,15 @@ def run_towers(config, images):
   return model, params, np.asarray(taps)
 
 
+def flax_text_features(model, params, ids):
+  """The imported text tower on token ids `[N, L]` -> `[N, E]` (no prompt context)."""
+  text_model = TextTransformer(model.config.text)
+  variables = {'params': params['text_encoder']}
+  with jax.default_matmul_precision('highest'):
+    embeddings = text_model.apply(variables, jnp.asarray(ids), method=TextTransformer.embed)
+    return np.asarray(text_model.apply(variables, embeddings, jnp.asarray(ids)))
+
+
 def test_conch_checkpoint_imports_both_towers(tmp_path):
   vit = tiny_timm_vit()
   text = OpenClipText(vocab=300, context=48, width=64, heads=4, layers=2, embed_dim=32).eval()
@@ -141,12 +143,7 @@ def test_conch_checkpoint_imports_both_towers(tmp_path):
   ids = np.random.default_rng(1).integers(3, 300, (3, 20))
   with torch.no_grad():
     expected_text = text(torch.from_numpy(ids)).numpy()
-  text_model = TextTransformer(model.config.text)
-  with jax.default_matmul_precision('highest'):
-    embeddings = text_model.apply({'params': params['text_encoder']}, jnp.asarray(ids),
-                                  method=TextTransformer.embed)
-    features = text_model.apply({'params': params['text_encoder']}, embeddings, jnp.asarray(ids))
-  np.testing.assert_allclose(np.asarray(features), expected_text, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(flax_text_features(model, params, ids), expected_text, rtol=1e-5, atol=1e-5)
   # The prompt context starts from the imported token table (plus the configured noise).
   from protoseg_jax.models import text as text_lib
   from protoseg_jax.tokenizer import ByteTokenizer
@@ -200,12 +197,7 @@ def test_hf_clip_folder_imports_vision_and_text(tmp_path):
   with torch.no_grad():
     expected_text = reference.get_text_features(input_ids=torch.from_numpy(ids))
     expected_text = getattr(expected_text, 'pooler_output', expected_text).numpy()
-  text_model = TextTransformer(model.config.text)
-  with jax.default_matmul_precision('highest'):
-    embeddings = text_model.apply({'params': params['text_encoder']}, jnp.asarray(ids),
-                                  method=TextTransformer.embed)
-    features = text_model.apply({'params': params['text_encoder']}, embeddings, jnp.asarray(ids))
-  np.testing.assert_allclose(np.asarray(features), expected_text, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(flax_text_features(model, params, ids), expected_text, rtol=1e-5, atol=1e-5)
 
   config.model.vit.width = 96
   with pytest.raises(ValueError, match=r'vision_config.hidden_size is 64 but config.model.vit.width is 96'):
@@ -257,6 +249,6 @@ def test_converted_trunk_is_what_the_module_builds():
       hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
       patch_size=16))
   state = {k: v.numpy() for k, v in hf.state_dict().items()}
-  converted = torch_to_flax.vit_from_hf_clip(state, config)
+  converted = torch_to_flax.vit_from_hf_clip(state, config, prefix='')  # a bare CLIPVisionModel
   shapes = lambda tree: jax.tree.map(np.shape, tree)
   assert shapes(converted) == shapes(built)

@@ -18,14 +18,7 @@ transformers = pytest.importorskip('transformers')
 from protoseg_jax.convert import torch_to_flax  # noqa: E402
 from protoseg_jax.models.text import TextConfig, TextTransformer  # noqa: E402
 from protoseg_jax.models.vit import VisionTransformer, VitConfig  # noqa: E402
-
-
-def perturb_(module, seed):
-  """Random weights everywhere (LayerNorm affines too), so no parameter is a silent identity."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for parameter in module.parameters():
-      parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+from torch_reference import perturb_  # noqa: E402
 
 
 def numpy_state(state_dict):

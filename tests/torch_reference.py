@@ -9,6 +9,14 @@ import torch
 import torch.nn.functional as F
 
 
+def perturb_(module, seed):
+  """Random weights everywhere (LayerNorm affines too), so no parameter is a silent identity."""
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for parameter in module.parameters():
+      parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
 class OpenClipBlock(torch.nn.Module):
   def __init__(self, width, heads, mlp_ratio=4.0):
     super().__init__()

@@ -57,8 +57,8 @@ def check_hf_clip_sizes(folder: str, vit: VitConfig, text: TextConfig) -> None:
   for key, (found, wanted, config_key) in expected.items():
     if found is not None and found != wanted:
       raise ValueError(f'{path}: {key} is {found} but {config_key} is {wanted}')
-  hf_activation = vision.get('hidden_act', 'quick_gelu')
-  if hf_activation != vit.activation.replace('gelu_tanh', 'gelu_pytorch_tanh'):
+  hf_activation = vision.get('hidden_act')
+  if hf_activation is not None and hf_activation != vit.activation.replace('gelu_tanh', 'gelu_pytorch_tanh'):
     raise ValueError(f'{path}: vision hidden_act is {hf_activation!r} but config.model.vit.activation is '
                      f'{vit.activation!r}')
 

@@ -74,6 +74,13 @@ def _linear(reader: _Reader, key: str, in_features: int, out_features: int, bias
   return out
 
 
+def _fused_qkv(reader: _Reader, key: str, width: int) -> dict:
+  """HF's separate `{q,k,v}_proj` linears -> one fused `[width, 3 * width]` projection (q, k, v order)."""
+  q, k, v = (_linear(reader, f'{key}.{part}_proj', width, width) for part in ('q', 'k', 'v'))
+  return {'kernel': np.concatenate([q['kernel'], k['kernel'], v['kernel']], axis=1),
+          'bias': np.concatenate([q['bias'], k['bias'], v['bias']])}
+
+
 def _norm(reader: _Reader, key: str, width: int) -> dict:
   return {'scale': reader.take(f'{key}.weight', (width,)), 'bias': reader.take(f'{key}.bias', (width,))}
 
@@ -127,11 +134,9 @@ def text_from_hf_clip(state_dict: Mapping[str, np.ndarray], config: TextConfig,
   }
   for index in range(config.depth):
     name = f'encoder.layers.{index}'
-    q, k, v = (_linear(reader, f'{name}.self_attn.{p}_proj', width, width) for p in ('q', 'k', 'v'))
     params[f'resblocks_{index}'] = {
         'ln_1': _norm(reader, f'{name}.layer_norm1', width),
-        'attn': {'in_proj': {'kernel': np.concatenate([q['kernel'], k['kernel'], v['kernel']], axis=1),
-                             'bias': np.concatenate([q['bias'], k['bias'], v['bias']])},
+        'attn': {'in_proj': _fused_qkv(reader, f'{name}.self_attn', width),
                  'out_proj': _linear(reader, f'{name}.self_attn.out_proj', width, width)},
         'ln_2': _norm(reader, f'{name}.layer_norm2', width),
         'c_fc': _linear(reader, f'{name}.mlp.fc1', width, hidden),
@@ -214,11 +219,9 @@ def vit_from_hf_clip(state_dict: Mapping[str, np.ndarray], config: VitConfig,
     if index > last:
       reader.used.update(key for key in reader.arrays if key.startswith(name + '.'))
       continue
-    q, k, v = (_linear(reader, f'{name}.self_attn.{p}_proj', width, width) for p in ('q', 'k', 'v'))
     params[f'blocks_{index}'] = {
         'norm1': _norm(reader, f'{name}.layer_norm1', width),
-        'attn': {'qkv': {'kernel': np.concatenate([q['kernel'], k['kernel'], v['kernel']], axis=1),
-                         'bias': np.concatenate([q['bias'], k['bias'], v['bias']])},
+        'attn': {'qkv': _fused_qkv(reader, f'{name}.self_attn', width),
                  'proj': _linear(reader, f'{name}.self_attn.out_proj', width, width)},
         'norm2': _norm(reader, f'{name}.layer_norm2', width),
         'mlp': {'fc1': _linear(reader, f'{name}.mlp.fc1', width, hidden),

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from protoseg_jax import ops
+from protoseg_jax import ops, sharding
 from protoseg_jax.models import layers
 from protoseg_jax.models.text import PromptLearner, TextConfig, TextTransformer
 from protoseg_jax.models.vit import VisionTransformer, VitConfig
@@ -25,6 +25,11 @@ from protoseg_jax.models.vit import VisionTransformer, VitConfig
 Dtype = Any
 
 FROZEN_COLLECTIONS = ('trunk', 'text_encoder')
+
+# Logical names of feature maps `[B, h, w, c]` and of the stacked trunk taps `[T, B, h, w, D]` (activation
+# sharding; a no-op without a mesh context).
+FEATURE_MAP = ('batch', None, None, 'act_channels')
+STACKED_TAPS = (None, 'batch', None, None, 'act_embed')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,7 @@ class FeatureRefiner(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     cfg = self.config
     width, groups = cfg.refiner_width, cfg.group_norm_groups
+    x = sharding.with_logical_constraint(x, FEATURE_MAP)
     x = layers.conv(width, 1, x.shape[-1], False, self.dtype, 'input_conv')(x)
     x = nn.silu(layers.group_norm(groups, 'input_norm')(x))
     for index in range(cfg.refiner_blocks):
@@ -71,10 +77,10 @@ class FeatureRefiner(nn.Module):
       y = layers.conv(width, 3, width, False, self.dtype, f'block{index}_conv2')(y)
       y = layers.group_norm(groups, f'block{index}_norm2')(y)
       skip = layers.conv(width, 1, width, True, self.dtype, f'block{index}_skip')(x)
-      x = nn.silu(y + skip.astype(jnp.float32))
+      x = sharding.with_logical_constraint(nn.silu(y + skip.astype(jnp.float32)), FEATURE_MAP)
     x = layers.conv(cfg.feature_dim, 1, width, False, self.dtype, 'output_conv')(x)
     x = layers.group_norm(groups, 'output_norm')(x)
-    return ops.l2_normalize(x, axis=-1)
+    return sharding.with_logical_constraint(ops.l2_normalize(x, axis=-1), FEATURE_MAP)
 
 
 class PyramidLevel(nn.Module):
@@ -138,7 +144,7 @@ class DualProtoSeg(nn.Module):
   # --- frozen towers -------------------------------------------------------------------------------
   def trunk_taps(self, images: jax.Array) -> jax.Array:
     """Normalised images `[B, H, W, 3]` -> stacked tap maps `[T, B, h, w, D]` (f32)."""
-    return jnp.stack(self.trunk(images))
+    return sharding.with_logical_constraint(jnp.stack(self.trunk(images)), STACKED_TAPS)
 
   def text_features(self, prompt_token_ids: jax.Array) -> jax.Array:
     """Prompt ids `[C*M, L]` -> text features `[C*M, E]`; gradients reach only the prompt context."""
@@ -161,7 +167,9 @@ class DualProtoSeg(nn.Module):
     num_taps, batch = taps.shape[:2]
     refined = self.shared_decoder(taps.reshape(num_taps * batch, *taps.shape[2:]), train)
     refined = refined.reshape(num_taps, batch, *refined.shape[1:])
-    return [ops.l2_normalize(level(refined[i])) for i, level in enumerate(self.feature_pyramid)]
+    refined = sharding.with_logical_constraint(refined, (None,) + FEATURE_MAP)
+    return [sharding.with_logical_constraint(ops.l2_normalize(level(refined[i])), FEATURE_MAP)
+            for i, level in enumerate(self.feature_pyramid)]
 
   def level_prototypes(self, bank: jax.Array) -> list[jax.Array]:
     """`[P, F]` -> per-level projected, L2-normalised prototypes `[P, c_i]` (f32)."""
@@ -210,6 +218,7 @@ class DualProtoSeg(nn.Module):
     tap = self.trunk(images)[level]
     refined = self.shared_decoder(tap, False)
     pixel_features = ops.l2_normalize(self.feature_pyramid[level](refined))
+    pixel_features = sharding.with_logical_constraint(pixel_features, FEATURE_MAP)
     return ops.merge_prototypes(self.level_cam(pixel_features, bank, level), self.config.num_classes,
                                 merge)
 

@@ -14,9 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from protoseg_jax import sharding
 from protoseg_jax.models import layers
 
 Dtype = Any
+
+# Logical names of the prompt token stream `[N, L, D]` (activation sharding; no-op without a mesh context).
+PROMPT_TOKENS = ('prompts', 'length', 'act_embed')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,7 @@ class TextAttention(nn.Module):
     head_dim = self.width // self.num_heads
     qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=jnp.float32, name='in_proj')(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    qkv = sharding.with_logical_constraint(qkv, ('prompts', 'length', None, 'act_heads', None))
     out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=causal)
     return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
                     name='out_proj')(out.reshape(batch, tokens, self.width))
@@ -67,8 +72,9 @@ class TextBlock(nn.Module):
     y = nn.Dense(int(cfg.width * cfg.mlp_ratio), dtype=self.dtype, param_dtype=jnp.float32,
                  name='c_fc')(y)
     y = layers.activation(cfg.activation)(y)
+    y = sharding.with_logical_constraint(y, ('prompts', 'length', 'act_mlp'))
     y = nn.Dense(cfg.width, dtype=self.dtype, param_dtype=jnp.float32, name='c_proj')(y)
-    return x + y.astype(jnp.float32)
+    return sharding.with_logical_constraint(x + y.astype(jnp.float32), PROMPT_TOKENS)
 
 
 class TextTransformer(nn.Module):
@@ -102,6 +108,7 @@ class TextTransformer(nn.Module):
     if length > cfg.context_table:
       raise ValueError(f'prompt length {length} exceeds the position table ({cfg.context_table})')
     x = embeddings.astype(jnp.float32) + self.positional_embedding[:length]
+    x = sharding.with_logical_constraint(x, PROMPT_TOKENS)
     for block in self.resblocks:
       x = block(x)
     x = self.ln_final(x)

@@ -15,10 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from protoseg_jax import ops
+from protoseg_jax import ops, sharding
 from protoseg_jax.models import layers
 
 Dtype = Any
+
+# Logical names of the token stream `[B, N, D]` (activation sharding; a no-op without a mesh context).
+TOKENS = ('batch', 'length', 'act_embed')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +40,9 @@ class VitConfig:
   layer_scale_init: Optional[float] = None  # UNI (DINOv2) uses LayerScale 1e-5; CONCH none.
   activation: str = 'gelu'
   taps: Sequence[int] = (2, 5, 8, 11)
+  # CLIP-style trunk (timm `pre_norm=True`): patch embedding without bias and a LayerNorm `norm_pre`
+  # after the position embeddings. CONCH / UNI: False.
+  pre_norm: bool = False
 
 
 class Attention(nn.Module):
@@ -54,6 +60,7 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * self.width, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=jnp.float32,
                    name='qkv')(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    qkv = sharding.with_logical_constraint(qkv, ('batch', 'length', None, 'act_heads', None))
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = jax.nn.dot_product_attention(query, key, value)
     out = out.reshape(batch, tokens, self.width)
@@ -70,6 +77,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name='fc1')(x)
     x = layers.activation(self.activation)(x)
+    x = sharding.with_logical_constraint(x, ('batch', 'length', 'act_mlp'))
     return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name='fc2')(x)
 
 
@@ -100,7 +108,7 @@ class Block(nn.Module):
     y = Mlp(int(cfg.width * cfg.mlp_ratio), cfg.width, cfg.activation, self.dtype, name='mlp')(y)
     if cfg.layer_scale_init is not None:
       y = LayerScale(cfg.layer_scale_init, name='ls2')(y)
-    return x + y.astype(jnp.float32)
+    return sharding.with_logical_constraint(x + y.astype(jnp.float32), TOKENS)
 
 
 def resize_pos_embed(pos_embed: jax.Array, num_prefix: int, grid_hw: tuple[int, int]) -> jax.Array:
@@ -137,7 +145,8 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'image size {height}x{width} is not a multiple of the patch size {cfg.patch_size}')
     grid_hw = (height // cfg.patch_size, width // cfg.patch_size)
     x = nn.Conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding='VALID',
-                dtype=self.dtype, param_dtype=jnp.float32, name='patch_embed')(images.astype(self.dtype))
+                use_bias=not cfg.pre_norm, dtype=self.dtype, param_dtype=jnp.float32,
+                name='patch_embed')(images.astype(self.dtype))
     x = x.reshape(batch, grid_hw[0] * grid_hw[1], cfg.width).astype(jnp.float32)
     num_prefix = 1 if cfg.class_token else 0
     pos_embed = self.param('pos_embed', nn.initializers.normal(0.02),
@@ -146,6 +155,9 @@ class VisionTransformer(nn.Module):
       cls_token = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, cfg.width))
       x = jnp.concatenate([jnp.broadcast_to(cls_token, (batch, 1, cfg.width)), x], axis=1)
     x = x + resize_pos_embed(pos_embed, num_prefix, grid_hw)
+    x = sharding.with_logical_constraint(x, TOKENS)
+    if cfg.pre_norm:
+      x = layers.layer_norm(cfg.layer_norm_eps, 'norm_pre')(x)
     taps = sorted(set(cfg.taps))
     if taps and (taps[0] < 0 or taps[-1] >= cfg.depth):
       raise ValueError(f'taps {tuple(cfg.taps)} out of range for a trunk of depth {cfg.depth}')
