@@ -40,8 +40,27 @@ def test_train_writes_metrics_checkpoints_and_prints_table(trained_workdir):
   assert all(np.isfinite(line['loss']) for line in train_lines)
   confusion = np.asarray(eval_lines[-1]['confusion_matrix'])
   assert confusion.shape == (5, 5) and confusion.sum() == 6 * 32 * 32  # every val pixel counted once
-  for name in ('best', 'last'):
-    assert os.path.isdir(os.path.join(workdir, 'checkpoints', name, 'params'))
+  steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints', 'steps')))
+  assert steps == [4, 8]  # saved at each validation (checkpoint.every_steps is larger than the run)
+  best = [int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints', 'best'))]
+  best_epoch_miou = max(eval_lines, key=lambda line: line['mIoU'])
+  assert best == [best_epoch_miou['step']]
+
+
+def test_export_mode_writes_safetensors_and_config(trained_workdir):
+  from safetensors.numpy import load_file
+
+  workdir, _ = trained_workdir
+  out = os.path.join(workdir, 'exported')
+  run_main(f'--workdir={workdir}', '--mode=export', f'--out={out}')
+  model = load_file(os.path.join(out, 'dualprotoseg.safetensors'))
+  trunk = load_file(os.path.join(out, 'trunk_timm.safetensors'))
+  assert 'shared_decoder.proj.0.weight' in model and 'logit_scale4' in model
+  assert model['clip_adapter.prompt_learner.ctx'].shape == (4, 2, 16)  # tiny config: C=4, n_ctx=2, D=16
+  assert set(trunk) == {key[len('clip_adapter.model.visual.trunk.'):] for key in model
+                        if key.startswith('clip_adapter.model.visual.trunk.')}
+  exported_config = json.load(open(os.path.join(out, 'export_config.json')))
+  assert exported_config['layouts'] == {'conv': 'OIHW', 'linear': '[out, in]'}
 
 
 def test_eval_mode_reproduces_the_training_validation(trained_workdir):
