@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from protoseg_jax import tokenizer as tokenizer_lib
 from protoseg_jax.models import text as text_lib
 from protoseg_jax.models.dualprotoseg import FROZEN_COLLECTIONS, DualProtoSeg, DualProtoSegConfig
 from protoseg_jax.models.text import TextConfig

@@ -1,4 +1,4 @@
-"""Orbax checkpoints: resumable training state, best-by-metric parameters, and named parameter trees.
+"""Orbax checkpoints: resumable training state and best-by-metric parameters (DualProtoSeg and MPAMatch).
 
 `TrainCheckpoints` (the training loop's): an Orbax `CheckpointManager` under `<dir>/steps/<step>/` holding the
 train state (step, trainable params, optimizer state), the data iterator state, the RNG key and a meta JSON,
@@ -6,17 +6,13 @@ saved every N steps and on preemption, keeping the last K; and a second manager 
 holding the trainable params of the best validation score. Orbax writes each step to a temporary directory
 and renames it when complete, so an interrupted save never replaces a good one; leftovers are reported and
 removed when the manager opens.
-
-`ParamsCheckpoints`: plain named parameter trees (`<dir>/<name>/`), replaced atomically by renames.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
-import shutil
 from typing import Any, Optional, Sequence
 
 import jax
@@ -152,49 +148,3 @@ class TrainCheckpoints:
   def close(self) -> None:
     self._steps.close()
     self._best.close()
-
-
-class ParamsCheckpoints:
-  """Saves and restores parameter pytrees under `directory/<name>` with a `meta.json` beside them."""
-
-  def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
-    os.makedirs(self.directory, exist_ok=True)
-    self._checkpointer = ocp.StandardCheckpointer()
-
-  def path(self, name: str) -> str:
-    return os.path.join(self.directory, name)
-
-  def save(self, name: str, tree: Any, meta: Optional[dict] = None) -> None:
-    if jax.process_index() != 0:
-      return
-    final, temporary, old = self.path(name), self.path(name + '.tmp'), self.path(name + '.old')
-    shutil.rmtree(temporary, ignore_errors=True)
-    self._checkpointer.save(os.path.join(temporary, 'params'), tree)
-    self._checkpointer.wait_until_finished()
-    with open(os.path.join(temporary, 'meta.json'), 'w') as handle:
-      json.dump(meta or {}, handle)
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-      os.replace(final, old)
-    os.replace(temporary, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-  def exists(self, name: str) -> bool:
-    return any(os.path.isdir(os.path.join(self.path(n), 'params')) for n in (name, name + '.old'))
-
-  def restore(self, name: str, target: Any) -> tuple[Any, dict]:
-    """Restores onto the structure and shapes of `target`; a mismatch names the first differing key."""
-    for candidate in (self.path(name), self.path(name + '.old')):
-      if os.path.isdir(os.path.join(candidate, 'params')):
-        break
-    else:
-      raise CheckpointError(f'no checkpoint {name!r} in {self.directory}')
-    if candidate.endswith('.old'):
-      logging.warning('checkpoint %s was being replaced when the run stopped; using %s', name, candidate)
-    saved = self._checkpointer.metadata(os.path.join(candidate, 'params'))
-    check_structure(getattr(saved, 'item_metadata', saved), target, candidate)
-    restored = self._checkpointer.restore(os.path.join(candidate, 'params'), target)
-    with open(os.path.join(candidate, 'meta.json')) as handle:
-      meta = json.load(handle)
-    return restored, meta

@@ -76,6 +76,14 @@ PARAM_AXES: tuple[tuple[str, tuple], ...] = (
     (r'^proto_projections_\d+/kernel$', ('feature', 'conv_out')),
     (r'^learnable_image_prototypes$', ('prototypes', 'feature')),
     (r'^logit_scale\d+$', ()),
+    # MPAMatch segmenter (protoseg_jax/mpamatch/model.py): BatchNorm, decoder / heads convolutions, adapter
+    (r'(^|/)bn/(scale|bias)$', ('vector',)),
+    (r'^(decoder|embed_head)/.+/kernel$', (None, None, 'conv_in', 'conv_out')),
+    (r'^embed_head/.+/bias$', ('conv_out',)),
+    (r'^seg_head/kernel$', (None, None, 'conv_in', 'classes')),
+    (r'^seg_head/bias$', ('classes',)),
+    (r'^text_adapter/kernel$', ('joint', None)),
+    (r'^text_adapter/bias$', ('vector',)),
 )
 
 
@@ -275,6 +283,29 @@ def train_state_shardings(abstract_state: Any, mesh: AnyMesh, rules: Rules) -> A
   return dataclasses.replace(abstract_state, step=replicated(mesh), trainable=trainable, frozen=frozen,
                              opt_state=_follow_params(abstract_state.opt_state, abstract_state.trainable,
                                                       trainable, mesh))
+
+
+def optimizer_state_shardings(opt_state: Any, params: Any, shardings: Any, mesh: AnyMesh) -> Any:
+  """Shardings for any optax state by path: a leaf whose trailing dict keys spell a parameter's path and
+  whose shape is that parameter's follows its sharding (Adam moments, also inside `multi_transform` or
+  masked states, where the moment trees do not mirror the whole parameter tree); the rest is replicated."""
+  flat_params, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flat_shardings = treedef.flatten_up_to(shardings)
+  by_path = {tuple(_path_name([key]) for key in path): (np.shape(leaf), leaf_sharding)
+             for (path, leaf), leaf_sharding in zip(flat_params, flat_shardings)}
+
+  def assign(path, leaf):
+    keys = []
+    for key in reversed(path):
+      if not isinstance(key, jax.tree_util.DictKey):
+        break
+      keys.append(str(key.key))
+    match = by_path.get(tuple(reversed(keys)))
+    if match is not None and match[0] == np.shape(leaf):
+      return match[1]
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(assign, opt_state)
 
 
 # --- batches ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def _to_python(metrics: dict) -> dict:
   return {key: float(value) for key, value in jax.device_get(metrics).items()}
 
 
-class _PreemptionSignal:
+class PreemptionSignal:
   """Turns SIGTERM (a preemption notice) into a flag the loop polls between steps."""
 
   def __init__(self):
@@ -92,7 +92,7 @@ def _resumable(state: train.TrainState) -> dict:
   return {'step': state.step, 'trainable': state.trainable, 'opt_state': state.opt_state}
 
 
-def _checkpoint_meta(step: int, fingerprint: float, rng_key: jax.Array, extra: Optional[dict] = None) -> dict:
+def checkpoint_meta(step: int, fingerprint: float, rng_key: jax.Array, extra: Optional[dict] = None) -> dict:
   return {'step': step, 'frozen_fingerprint': fingerprint,
           'rng_key_data': np.asarray(jax.random.key_data(rng_key)).tolist(), **(extra or {})}
 
@@ -172,13 +172,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # One JSON item is written for all hosts, and a host's Grain state describes its own shard; the
         # batches are a pure function of (seed, step), so the step alone restores every host exactly.
         data_state = {'step': data_state['step']}
-      manager.save(step, _resumable(state), data_state, _checkpoint_meta(step, fingerprint, step_key, extra))
+      manager.save(step, _resumable(state), data_state, checkpoint_meta(step, fingerprint, step_key, extra))
       saved_step = step
 
   last_eval: dict = {}
   window_start, window_images = time.perf_counter(), 0
   try:
-    with _PreemptionSignal() as preemption:
+    with PreemptionSignal() as preemption:
       for step in range(start_step, total_steps):
         host_batch = next(batches)
         batch = sharding.shard_host_batch(host_batch, mesh, global_batch)
@@ -202,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           logging.info('%s after step %d:\n%s', config.data.eval_split, done,
                        metrics_lib.format_metrics_table(last_eval))
           manager.save_best(done, state.trainable, last_eval['mIoU'],
-                            _checkpoint_meta(done, fingerprint, step_key, {'mIoU': last_eval['mIoU']}))
+                            checkpoint_meta(done, fingerprint, step_key, {'mIoU': last_eval['mIoU']}))
           save(done, {'mIoU': last_eval['mIoU']})
           window_start = time.perf_counter()
         elif done % config.checkpoint.every_steps == 0:

@@ -3,11 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from conftest import tiny_config
-from protoseg_jax import builders, ops, runtime, train
+from protoseg_jax import builders, runtime, train
 
 
 @pytest.fixture(scope='module')

@@ -103,7 +103,7 @@ def main(argv):
       rows.append((name, augment_on, threads, workers, wall, per_cpu))
   print(f'{needed} tiles of {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} per pipeline ({_BATCH_SIZE.value} x '
         f'{batches} timed + 1 warm-up batch), {os.cpu_count()} CPU cores visible')
-  print(f'| pipeline | augment on | threads | workers | img/s | img/s per core |')
+  print('| pipeline | augment on | threads | workers | img/s | img/s per core |')
   print('| --- | --- | --- | --- | --- | --- |')
   for name, augment_on, threads, workers, wall, per_cpu in rows:
     per_core = '-' if per_cpu is None else f'{per_cpu:.0f}'

@@ -1,0 +1,1 @@
+"""MPAMatch: semi-supervised segmentation with image- and text-prototype pixel contrast (UniMatch loop)."""

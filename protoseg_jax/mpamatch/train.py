@@ -1,0 +1,390 @@
+"""MPAMatch / UniMatch / supervised-only: model building, train state, optimizer and the jitted train step.
+
+One step (variant 'mpamatch'; 'unimatch' drops the prototype terms, 'supervised' uses the labelled batch
+only), following UniMatch V1's `unimatch.py` with the CutMix partner = the batch reversed (UniMatch V2):
+  1. weak views of x (with its mask) and u (with its padding map), two strong views of u_w;
+  2. eval-mode (BatchNorm running statistics), no-gradient prediction on u_w -> the partner's pseudo-label
+     and confidence for the pasted regions (V1's `model.eval()` pass on `u_w_mix`);
+  3. paste the partner's strong view inside each CutMix box;
+  4. train-mode forward of [x; u_w] with the feature-perturbation stream (decoder on [f; dropout2d(f)]),
+     then of [u_s1; u_s2];
+  5. pseudo-label y_w = argmax, conf_w = max softmax of stop_grad(pred_u_w); mixed targets inside boxes;
+  6. L = (L_x + 0.5 L_fp + 0.25 L_s1 + 0.25 L_s2) / 2
+       + lambda_img (L_img^lab + L_img^unl) + lambda_txt (L_txt^lab + L_txt^unl),
+     with L^unl the mean of the two strong views' terms; image prototypes are the EMA bank updated with this
+     batch (GT pixels of x, confident weak-view pixels of u), text prototypes come from the prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from protoseg_jax import builders, sharding, tokenizer as tokenizer_lib
+from protoseg_jax.models import text as text_lib
+from protoseg_jax.models.text import TextConfig
+from protoseg_jax.models.vit import VitConfig
+from protoseg_jax.mpamatch import augment, losses
+from protoseg_jax.mpamatch.model import ENCODER_COLLECTIONS, FROZEN_COLLECTIONS, MPAMatchModel, SegmenterConfig
+from protoseg_jax.mpamatch.prototypes import PrototypeBank, class_sums, ema_update
+
+VARIANTS = ('mpamatch', 'unimatch', 'supervised')
+MODEL_KEYS = ('bottleneck_channels', 'decoder_channels', 'batch_norm_momentum', 'fp_dropout', 'embed_level',
+              'embed_hidden', 'embed_dim', 'n_ctx')
+
+
+# --- building --------------------------------------------------------------------------------------
+
+def segmenter_config(config: ml_collections.ConfigDict) -> SegmenterConfig:
+  model = config.model
+  unknown = sorted(set(model.keys()) - set(MODEL_KEYS) - {'vit', 'text'})
+  if unknown:
+    raise ValueError(f'unknown config key(s) {", ".join("config.model." + key for key in unknown)}')
+  vit = builders._dataclass_from_config(VitConfig, model.vit, 'config.model.vit')
+  text = builders._dataclass_from_config(TextConfig, model.text, 'config.model.text')
+  values = {key: tuple(model[key]) if isinstance(model[key], (list, tuple)) else model[key]
+            for key in MODEL_KEYS}
+  return SegmenterConfig(vit=vit, text=text, num_classes=len(config.data.class_names), **values)
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[MPAMatchModel, np.ndarray]:
+  """-> (model, prompt token ids `[C, L]`: `[BOS, ctx x n_ctx, class name, EOS]` per class)."""
+  if len(config.data.class_names) < 2:
+    raise ValueError('config.data.class_names needs at least two classes (background first)')
+  model = MPAMatchModel(segmenter_config(config), builders.compute_dtype(config.train.compute_dtype))
+  tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
+  vocab = getattr(tokenizer, 'vocab_size', None)
+  if vocab is not None and vocab > config.model.text.vocab_size:
+    raise ValueError(f'the tokenizer has {vocab} ids but config.model.text.vocab_size is '
+                     f'{config.model.text.vocab_size}')
+  prompt_ids = text_lib.build_prompt_token_ids(
+      [tokenizer.encode(name) for name in config.data.class_names], config.model.n_ctx, tokenizer.bos_id,
+      tokenizer.eos_id, config.model.text.context_length)
+  return model, prompt_ids
+
+
+def init_variables(config: ml_collections.ConfigDict, model: MPAMatchModel, prompt_ids: np.ndarray,
+                   rng: jax.Array) -> tuple[dict, dict]:
+  """Random (params, batch_stats); with `config.backbone.source='timm'` the trunk is loaded from a file."""
+  size = config.data.image_size
+  params_key, dropout_key = jax.random.split(rng)
+  init = jax.jit(lambda p, d: model.init({'params': p, 'dropout': d}, jnp.zeros((1, size, size, 3)),
+                                         jnp.asarray(prompt_ids)))
+  variables = init(params_key, dropout_key)
+  params = flax.core.unfreeze(variables['params'])
+  source = config.backbone.source
+  if source == 'timm':
+    params.update(load_timm_encoder(config.backbone.path, model.config.vit))
+  elif source != 'none':
+    raise ValueError(f"config.backbone.source must be 'none' or 'timm', got {source!r}")
+  return params, flax.core.unfreeze(variables['batch_stats'])
+
+
+def init_frozen_and_shapes(config: ml_collections.ConfigDict, model: MPAMatchModel, prompt_ids: np.ndarray,
+                           rng: jax.Array) -> tuple[dict, dict, dict]:
+  """For restoring: (frozen text tower params, shapes of the trainable params, shapes of batch_stats).
+
+  Only the frozen tower is computed (it is not in checkpoints); with the same `rng` it equals the
+  `init_variables` tower, since Flax derives each module's init key from its path. Skipping the random
+  init of everything else saves most of the start-up compile time of eval / predict.
+  """
+  size = config.data.image_size
+  params_key, dropout_key = jax.random.split(rng)
+  shapes = jax.eval_shape(lambda p, d: model.init({'params': p, 'dropout': d}, jnp.zeros((1, size, size, 3)),
+                                                  jnp.asarray(prompt_ids)), params_key, dropout_key)
+  text = jax.jit(lambda p: model.init({'params': p}, jnp.asarray(prompt_ids),
+                                      method=MPAMatchModel.text_prototypes))(params_key)
+  frozen = {key: flax.core.unfreeze(text['params'][key]) for key in FROZEN_COLLECTIONS}
+  trainable, _ = split_params(flax.core.unfreeze(shapes['params']))
+  return frozen, trainable, flax.core.unfreeze(shapes['batch_stats'])
+
+
+def load_timm_encoder(path: str, vit: VitConfig) -> dict:
+  """UNI (timm `vit_large_patch16_224`, `init_values=1e-5`) state dict -> {'encoder', 'encoder_norm'}."""
+  import os
+
+  from protoseg_jax.convert import torch_to_flax
+
+  if not path or not os.path.isfile(path):
+    raise FileNotFoundError(f'config.backbone.path: timm checkpoint not found: {path!r}')
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file
+
+    state = load_file(path)
+  else:
+    import torch
+
+    state = {key: value.float().numpy() for key, value in torch.load(path, map_location='cpu').items()}
+  encoder = torch_to_flax.vit_from_timm(state, vit)
+  for key in ('norm.weight', 'norm.bias'):
+    if key not in state:
+      raise ValueError(f'{path}: key {key!r} (final LayerNorm) is missing')
+  norm = {'scale': np.asarray(state['norm.weight'], np.float32), 'bias': np.asarray(state['norm.bias'], np.float32)}
+  return {'encoder': jax.tree.map(jnp.asarray, encoder), 'encoder_norm': jax.tree.map(jnp.asarray, norm)}
+
+
+def split_params(params: dict) -> tuple[dict, dict]:
+  """(trainable, frozen) by top-level module name."""
+  return ({k: v for k, v in params.items() if k not in FROZEN_COLLECTIONS},
+          {k: v for k, v in params.items() if k in FROZEN_COLLECTIONS})
+
+
+# --- state and optimizer ---------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: Any
+  frozen: Any
+  batch_stats: Any
+  bank: PrototypeBank
+  opt_state: Any
+
+  @property
+  def params(self) -> dict:
+    return {**self.frozen, **self.trainable}
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict, total_steps: int):
+  """AdamW, poly decay `lr (1 - t/T)^power`, two groups: encoder (low LR) and the rest.
+
+  Returns (optimizer, {'encoder': schedule, 'head': schedule}).
+  """
+  schedules = {
+      'encoder': optax.polynomial_schedule(train_config.encoder_learning_rate, 0.0, train_config.poly_power,
+                                           max(total_steps, 1)),
+      'head': optax.polynomial_schedule(train_config.learning_rate, 0.0, train_config.poly_power,
+                                        max(total_steps, 1)),
+  }
+  decay_mask = lambda tree: jax.tree.map(lambda leaf: leaf.ndim >= 2, tree)
+  groups = {name: optax.adamw(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2,
+                              eps=train_config.adam_eps, weight_decay=train_config.weight_decay,
+                              mask=decay_mask)
+            for name, schedule in schedules.items()}
+  labels = lambda tree: {key: jax.tree.map(lambda _: 'encoder' if key in ENCODER_COLLECTIONS else 'head', value)
+                         for key, value in tree.items()}
+  return optax.multi_transform(groups, labels), schedules
+
+
+def create_train_state(params: dict, batch_stats: dict, optimizer, num_classes: int,
+                       embed_dim: int) -> TrainState:
+  trainable, frozen = split_params(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                    batch_stats=batch_stats, bank=PrototypeBank.empty(num_classes, embed_dim),
+                    opt_state=optimizer.init(trainable))
+
+
+def state_shardings(abstract_state: TrainState, mesh, rules) -> TrainState:
+  """The state's tree of `NamedSharding`s: parameters by `sharding.PARAM_AXES` and `rules`, Adam moments
+  like their parameters, BatchNorm statistics, the prototype bank and the step replicated."""
+  params = {**abstract_state.frozen, **abstract_state.trainable}
+  by_param = sharding.param_shardings(params, mesh, rules)
+  trainable = {key: by_param[key] for key in abstract_state.trainable}
+  replicate = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)
+  return abstract_state.replace(
+      step=sharding.replicated(mesh), trainable=trainable,
+      frozen={key: by_param[key] for key in abstract_state.frozen},
+      batch_stats=replicate(abstract_state.batch_stats), bank=replicate(abstract_state.bank),
+      opt_state=sharding.optimizer_state_shardings(abstract_state.opt_state, abstract_state.trainable,
+                                                   trainable, mesh))
+
+
+def create_sharded_train_state(params: dict, batch_stats: dict, optimizer, num_classes: int, embed_dim: int,
+                               mesh, rules) -> tuple[TrainState, TrainState]:
+  """-> (state laid out on `mesh`, its tree of shardings); host values in, identical on every process."""
+  create = lambda p, b: create_train_state(p, b, optimizer, num_classes, embed_dim)
+  shardings = state_shardings(jax.eval_shape(create, params, batch_stats), mesh, rules)
+  placed_params = sharding.place_tree(params, {**shardings.frozen, **shardings.trainable})
+  placed_stats = sharding.place_tree(batch_stats, shardings.batch_stats)
+  state = jax.jit(create, out_shardings=shardings)(placed_params, placed_stats)
+  return state, shardings
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+def supervised_loss(logits: jax.Array, labels: jax.Array, loss_config: ml_collections.ConfigDict) -> jax.Array:
+  """`w_ce CE + w_dice Dice` over non-ignored pixels."""
+  return (loss_config.sup_ce_weight * losses.cross_entropy(logits, labels)
+          + loss_config.sup_dice_weight * losses.dice_loss(logits, labels, loss_config.dice_smooth))
+
+
+def mixed_targets(boxes: jax.Array, own: tuple, partner: tuple) -> tuple:
+  """UniMatch's CutMix targets: (pseudo-label, confidence, ignore) of the sample itself outside its box,
+  those of the pasted partner (eval-mode prediction, its padding map) inside. All `[B, H, W]`."""
+  return tuple(augment.cutmix(boxes, mine, theirs) for mine, theirs in zip(own, partner))
+
+
+def _down(x: jax.Array, stride: int) -> jax.Array:
+  """Nearest downsampling of `[B, H, W]` by an integer stride (`F.interpolate(mode='nearest')`)."""
+  return x[:, ::stride, ::stride]
+
+
+def train_step_fn(model: MPAMatchModel, config: ml_collections.ConfigDict, prompt_ids: np.ndarray,
+                  optimizer, schedules: dict) -> Callable:
+  """The pure `(state, batch, rng) -> (state, metrics)`.
+
+  batch: 'x' `[Bl, W, W, 3]` uint8, 'y' `[Bl, W, W]` uint8 class ids (255 = ignore), and unless the variant
+  is 'supervised', 'u' `[Bu, W, W, 3]` uint8 and 'u_ignore' `[Bu, W, W]` uint8 (255 = padding, else 0).
+  """
+  data, loss_config = config.data, config.loss
+  variant = loss_config.variant
+  if variant not in VARIANTS:
+    raise ValueError(f'config.loss.variant must be one of {VARIANTS}, got {variant!r}')
+  size, tau = data.image_size, loss_config.conf_threshold
+  num_classes, stride = model.config.num_classes, model.config.embed_stride
+  prompt_ids = jnp.asarray(prompt_ids)
+  use_prototypes = variant == 'mpamatch'
+  norm = lambda images: augment.normalize(images, data.mean, data.std)
+
+  def apply(params, batch_stats, images, train, fp=False, embeddings=False, rng=None):
+    variables = {'params': params, 'batch_stats': batch_stats}
+    kwargs = dict(method=MPAMatchModel.segment, rngs={'dropout': rng} if rng is not None else None)
+    if train:
+      (logits, embed), updates = model.apply(variables, images, True, fp, embeddings, mutable=['batch_stats'],
+                                             **kwargs)
+      return logits, embed, updates['batch_stats']
+    logits, embed = model.apply(variables, images, False, fp, embeddings, **kwargs)
+    return logits, embed, batch_stats
+
+  def finish(state, loss_fn, metrics_extra=None):
+    (loss, (batch_stats, bank, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   lr_head=schedules['head'](state.step), lr_encoder=schedules['encoder'](state.step))
+    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                         batch_stats=batch_stats, bank=bank), metrics
+
+  def supervised_step(state, batch, rng):
+    x, y = augment.weak_view(rng, batch['x'], batch['y'], size, data.weak)
+    x = norm(x)
+
+    def loss_fn(trainable):
+      logits, _, batch_stats = apply({**state.frozen, **trainable}, state.batch_stats, x, True)
+      loss = supervised_loss(logits, y, loss_config)
+      return loss, (batch_stats, state.bank, {'loss_x': loss})
+
+    return finish(state, loss_fn)
+
+  def semi_step(state, batch, rng):
+    keys = jax.random.split(rng, 5)
+    x, y = augment.weak_view(keys[0], batch['x'], batch['y'], size, data.weak)
+    u_w, ignore = augment.weak_view(keys[1], batch['u'], batch['u_ignore'], size, data.weak)
+    labelled = x.shape[0]
+    # Both strong views (and both box sets) in one batched call: independent per sample, half the program.
+    u_s1, u_s2 = jnp.split(norm(augment.strong_view(keys[2], jnp.concatenate([u_w, u_w]), data.strong)), 2)
+    x, u_w = norm(x), norm(u_w)
+    box1, box2 = jnp.split(augment.cutmix_boxes(keys[3], 2 * u_w.shape[0], size, data.strong.cutmix_prob,
+                                                data.strong.cutmix_area, data.strong.cutmix_ratio), 2)
+    u_s1 = augment.cutmix(box1, u_s1, augment.partner(u_s1))
+    u_s2 = augment.cutmix(box2, u_s2, augment.partner(u_s2))
+
+    # The partner's pseudo-label: eval-mode, no-gradient prediction (UniMatch's `model.eval()` mix pass).
+    mix_logits, _, _ = apply(state.params, state.batch_stats, u_w, False)
+    y_mix, conf_mix, _ = losses.confidence_mask(jax.nn.softmax(augment.partner(mix_logits), axis=-1), tau)
+    y_mix, conf_mix = jax.lax.stop_gradient((y_mix, conf_mix))
+    ignore_mix = augment.partner(ignore)
+
+    def loss_fn(trainable):
+      params = {**state.frozen, **trainable}
+      logits, embed, batch_stats = apply(params, state.batch_stats, jnp.concatenate([x, u_w]), True, fp=True,
+                                         embeddings=use_prototypes, rng=keys[4])
+      pred_x, pred_u_w = logits[:labelled], logits[labelled:labelled + u_w.shape[0]]
+      pred_fp = logits[2 * labelled + u_w.shape[0]:]
+      strong_logits, strong_embed, batch_stats = apply(params, batch_stats, jnp.concatenate([u_s1, u_s2]), True,
+                                                       embeddings=use_prototypes)
+      pred_s1, pred_s2 = jnp.split(strong_logits, 2)
+
+      y_w, conf_w, confident = losses.confidence_mask(jax.lax.stop_gradient(jax.nn.softmax(pred_u_w)), tau)
+      y1, conf1, ignore1 = mixed_targets(box1, (y_w, conf_w, ignore), (y_mix, conf_mix, ignore_mix))
+      y2, conf2, ignore2 = mixed_targets(box2, (y_w, conf_w, ignore), (y_mix, conf_mix, ignore_mix))
+      loss_x = supervised_loss(pred_x, y, loss_config)
+      loss_s1 = losses.masked_cross_entropy(pred_s1, y1, conf1, ignore1, tau)
+      loss_s2 = losses.masked_cross_entropy(pred_s2, y2, conf2, ignore2, tau)
+      loss_fp = losses.masked_cross_entropy(pred_fp, y_w, conf_w, ignore, tau)
+      loss = (loss_config.weight_x * loss_x + loss_config.weight_fp * loss_fp
+              + loss_config.weight_s * (loss_s1 + loss_s2)) / 2.0
+      counted = ignore != losses.IGNORE
+      metrics = {'loss_x': loss_x, 'loss_s1': loss_s1, 'loss_s2': loss_s2, 'loss_fp': loss_fp,
+                 'mask_ratio': jnp.sum(confident & counted) / jnp.maximum(jnp.sum(counted), 1)}
+      bank = state.bank
+      if use_prototypes:
+        embed_x, embed_w = embed[:labelled], embed[labelled:labelled + u_w.shape[0]]
+        embed_s1, embed_s2 = jnp.split(strong_embed, 2)
+        y_e = _down(y, stride)
+        valid_e = (y_e != losses.IGNORE).astype(jnp.float32)
+        pseudo_e = (_down(confident, stride) & _down(counted, stride)).astype(jnp.float32)
+        sums_x, counts_x = class_sums(jax.lax.stop_gradient(embed_x), y_e, valid_e, num_classes)
+        sums_u, counts_u = class_sums(jax.lax.stop_gradient(embed_w), _down(y_w, stride), pseudo_e, num_classes)
+        bank = ema_update(state.bank, sums_x + sums_u, counts_x + counts_u, loss_config.prototype_momentum)
+        text_prototypes = model.apply({'params': params}, prompt_ids, method=MPAMatchModel.text_prototypes)
+        for name, prototypes, weight in (('img', bank.prototypes, loss_config.lambda_img),
+                                         ('txt', text_prototypes, loss_config.lambda_txt)):
+          lab = losses.prototype_infonce(embed_x, prototypes, y_e, valid_e, jnp.sum(valid_e),
+                                         loss_config.temperature)
+          unl = 0.0
+          for e, yv, cv, iv in ((embed_s1, y1, conf1, ignore1), (embed_s2, y2, conf2, ignore2)):
+            kept = _down(iv, stride) != losses.IGNORE
+            weights = (_down(cv, stride) >= tau) & kept
+            unl = unl + 0.5 * losses.prototype_infonce(e, prototypes, _down(yv, stride), weights,
+                                                        jnp.sum(kept), loss_config.temperature)
+          metrics[f'loss_{name}_lab'], metrics[f'loss_{name}_unl'] = lab, unl
+          loss = loss + weight * (lab + unl)
+      return loss, (batch_stats, bank, metrics)
+
+    return finish(state, loss_fn)
+
+  def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+    if variant == 'supervised':
+      return supervised_step(state, batch, rng)
+    return semi_step(state, batch, rng)
+
+  return train_step
+
+
+def make_train_step(model, config, prompt_ids, optimizer, schedules, mesh=None,
+                    shardings: TrainState | None = None) -> Callable:
+  """Jitted `(state, batch, rng) -> (state, metrics)` with the state donated; with `mesh` the state is laid
+  out by `shardings` and every batch array is split over the data-parallel axes (BatchNorm statistics,
+  pseudo-label confidence and the prototype bank are then computed over the global batch)."""
+  step_fn = train_step_fn(model, config, prompt_ids, optimizer, schedules)
+  if mesh is None:
+    return jax.jit(step_fn, donate_argnums=(0,))
+  return sharding.jit_train_step(step_fn, mesh, shardings, config.sharding.logical_rules)
+
+
+def make_window_probs_fn(model: MPAMatchModel, config: ml_collections.ConfigDict, mesh=None,
+                         shardings: TrainState | None = None) -> Callable:
+  """Jitted `(params, batch_stats, windows uint8 [N, S, S, 3]) -> softmax [N, S, S, C]` (head only).
+
+  With `mesh` the parameters are laid out by `shardings`, the windows (host arrays, the same on every
+  process) are split over the data-parallel axes, and the result comes back whole on every process.
+  """
+  data = config.data
+
+  def probs_fn(params, batch_stats, windows):
+    images = augment.normalize(windows.astype(jnp.float32) / 255.0, data.mean, data.std)
+    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, False, False, False,
+                            method=MPAMatchModel.segment)
+    return jax.nn.softmax(logits, axis=-1)
+
+  if mesh is None:
+    return jax.jit(probs_fn)
+  sharding.check_global_batch(config.eval.batch_size, mesh, 'config.eval.batch_size')
+  jitted = sharding.jit_sharded(
+      probs_fn, mesh, config.sharding.logical_rules,
+      in_shardings=({**shardings.frozen, **shardings.trainable}, shardings.batch_stats,
+                    sharding.batch_sharding(mesh)),
+      out_shardings=sharding.replicated(mesh))
+
+  def sharded_probs_fn(params, batch_stats, windows):
+    return jitted(params, batch_stats, sharding.shard_host_batch({'windows': windows}, mesh)['windows'])
+
+  return sharded_probs_fn
