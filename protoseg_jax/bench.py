@@ -1,8 +1,10 @@
 """Throughput benchmark: `python -m protoseg_jax.bench --config=configs/bcss.py [--config.train.batch_size=64]`.
 
-Times the jitted train step and the inference (TTA CAM -> mask) step on random uint8 tiles after warm-up
-and prints a table: img/s, step time, XLA's FLOP count per image, achieved TFLOP/s, and peak device memory.
-No dataset or checkpoint is read.
+Times the jitted train step and the inference step on random uint8 tiles after warm-up and prints a table:
+img/s, step time, XLA's FLOP count per image, achieved TFLOP/s, and peak device memory. DualProtoSeg:
+inference = TTA CAM -> mask. MPAMatch configs (`config.method = 'mpamatch'`): the train step of
+`config.loss.variant` on labelled + unlabelled batches (img/s counts both), inference = the segmentation
+head on `config.eval.batch_size` windows. No dataset or checkpoint is read.
 """
 
 from __future__ import annotations
@@ -50,7 +52,53 @@ def _time(fn, steps: int) -> float:
   return (time.perf_counter() - start) / steps
 
 
+def run_mpamatch(config, steps: int, what: list[str]) -> list[dict]:
+  from protoseg_jax.mpamatch import train as mpamatch_train  # pylint: disable=g-import-not-at-top
+
+  model, prompt_ids = mpamatch_train.build_model(config)
+  params, batch_stats = mpamatch_train.init_variables(config, model, prompt_ids, jax.random.key(config.seed))
+  size, num_classes = config.data.image_size, model.config.num_classes
+  window = config.data.train_window or size
+  rng = np.random.default_rng(0)
+  rows = []
+  if 'train' in what:
+    labelled, unlabelled = config.train.labelled_batch_size, config.train.unlabelled_batch_size
+    optimizer, schedules = mpamatch_train.make_optimizer(config.train, 1000)
+    state = mpamatch_train.create_train_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, batch_stats),
+                                              optimizer, num_classes, model.config.embed_dim)
+    train_step = mpamatch_train.make_train_step(model, config, prompt_ids, optimizer, schedules)
+    batch = {'x': rng.integers(0, 256, (labelled, window, window, 3), np.uint8),
+             'y': rng.integers(0, num_classes, (labelled, window, window), np.uint8)}
+    if config.loss.variant != 'supervised':
+      batch.update(u=rng.integers(0, 256, (unlabelled, window, window, 3), np.uint8),
+                   u_ignore=np.zeros((unlabelled, window, window), np.uint8))
+    else:
+      unlabelled = 0
+    batch = jax.tree.map(jnp.asarray, batch)
+    key = jax.random.key(1)
+    flops = _flops(train_step, state, batch, key)
+    holder = {'state': state}
+
+    def one_step():
+      holder['state'], metrics = train_step(holder['state'], batch, key)
+      return metrics['loss']
+
+    seconds = _time(one_step, steps)
+    rows.append({'step': f'train ({config.loss.variant})', 'batch': labelled + unlabelled, 'seconds': seconds,
+                 'flops': flops})
+  if 'inference' in what:
+    batch_size = config.eval.batch_size
+    probs_fn = mpamatch_train.make_window_probs_fn(model, config)
+    windows = jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8))
+    flops = _flops(probs_fn, params, batch_stats, windows)
+    seconds = _time(lambda: probs_fn(params, batch_stats, windows), steps)
+    rows.append({'step': 'inference (windows)', 'batch': batch_size, 'seconds': seconds, 'flops': flops})
+  return rows
+
+
 def run(config, steps: int, what: list[str]) -> list[dict]:
+  if config.get('method', 'dualprotoseg') == 'mpamatch':
+    return _finish(run_mpamatch(config, steps, what))
   model, tokenizer, prompt_ids = runtime.model_and_prompts(config)
   params = builders.init_params(config, model, prompt_ids, tokenizer, jax.random.key(config.seed))
   size, num_classes = config.data.image_size, model.config.num_classes
@@ -86,6 +134,10 @@ def run(config, steps: int, what: list[str]) -> list[dict]:
     passes = len(config.eval.intensity_factors) * (2 if config.eval.hflip else 1)
     rows.append({'step': f'inference ({passes} TTA passes)', 'batch': batch_size, 'seconds': seconds,
                  'flops': flops})
+  return _finish(rows)
+
+
+def _finish(rows: list[dict]) -> list[dict]:
   peak = _peak_memory_gib()
   for row in rows:
     row['images_per_s'] = row['batch'] / row['seconds']

@@ -34,7 +34,7 @@ CONTRASTIVE_TEMPERATURE_INIT = 0.1   # the reference ClsNetwork's initial value 
 VISUAL_PROJECTION_DIM = 512          # the reference ConchAdapter.visual_proj output width (unused)
 
 
-def _oihw(kernel) -> np.ndarray:
+def conv_oihw(kernel) -> np.ndarray:
   """Flax HWIO conv kernel -> torch OIHW."""
   return np.ascontiguousarray(np.asarray(kernel, np.float32).transpose(3, 2, 0, 1))
 
@@ -59,7 +59,7 @@ def trunk_to_timm(trunk: Mapping, config: VitConfig, final_norm: Mapping | None 
   if max(config.taps) != config.depth - 1:
     raise ValueError(f'config.model.vit: the last tap ({max(config.taps)}) is not the last block '
                      f'({config.depth - 1}); the Flax trunk does not hold blocks after it')
-  out = {'patch_embed.proj.weight': _oihw(trunk['patch_embed']['kernel']),
+  out = {'patch_embed.proj.weight': conv_oihw(trunk['patch_embed']['kernel']),
          'pos_embed': np.asarray(trunk['pos_embed'], np.float32)}
   if 'bias' in trunk['patch_embed']:
     out['patch_embed.proj.bias'] = np.asarray(trunk['patch_embed']['bias'], np.float32)
@@ -112,26 +112,26 @@ def heads_to_reference(params: Mapping, config: DualProtoSegConfig) -> dict:
   """The trainable heads -> `ClsNetwork` names (`shared_decoder.*`, `feature_pyramid.*`, ...)."""
   out: dict[str, np.ndarray] = {}
   refiner = params['shared_decoder']
-  out['shared_decoder.proj.0.weight'] = _oihw(refiner['input_conv']['kernel'])
+  out['shared_decoder.proj.0.weight'] = conv_oihw(refiner['input_conv']['kernel'])
   _norm(refiner['input_norm'], 'shared_decoder.proj.1', out)
   for index in range(config.refiner_blocks):
     name = f'shared_decoder.blocks.{index}'
     # nn.Sequential(conv, GN, SiLU, Dropout2d, conv, GN): parameter indices 0, 1, 4, 5.
-    out[f'{name}.0.weight'] = _oihw(refiner[f'block{index}_conv1']['kernel'])
+    out[f'{name}.0.weight'] = conv_oihw(refiner[f'block{index}_conv1']['kernel'])
     _norm(refiner[f'block{index}_norm1'], f'{name}.1', out)
-    out[f'{name}.4.weight'] = _oihw(refiner[f'block{index}_conv2']['kernel'])
+    out[f'{name}.4.weight'] = conv_oihw(refiner[f'block{index}_conv2']['kernel'])
     _norm(refiner[f'block{index}_norm2'], f'{name}.5', out)
     skip = refiner[f'block{index}_skip']
-    out[f'shared_decoder.skips.{index}.weight'] = _oihw(skip['kernel'])
+    out[f'shared_decoder.skips.{index}.weight'] = conv_oihw(skip['kernel'])
     out[f'shared_decoder.skips.{index}.bias'] = np.asarray(skip['bias'], np.float32)
-  out['shared_decoder.final.0.weight'] = _oihw(refiner['output_conv']['kernel'])
+  out['shared_decoder.final.0.weight'] = conv_oihw(refiner['output_conv']['kernel'])
   _norm(refiner['output_norm'], 'shared_decoder.final.1', out)
   for level in range(len(config.pyramid_channels)):
     # nn.Sequential(conv1x1, GN, SiLU, conv3x3, GN, SiLU): parameter indices 0, 1, 3, 4.
     pyramid, name = params[f'feature_pyramid_{level}'], f'feature_pyramid.projections.{level}'
-    out[f'{name}.0.weight'] = _oihw(pyramid['conv1']['kernel'])
+    out[f'{name}.0.weight'] = conv_oihw(pyramid['conv1']['kernel'])
     _norm(pyramid['norm1'], f'{name}.1', out)
-    out[f'{name}.3.weight'] = _oihw(pyramid['conv2']['kernel'])
+    out[f'{name}.3.weight'] = conv_oihw(pyramid['conv2']['kernel'])
     _norm(pyramid['norm2'], f'{name}.4', out)
     _linear(params[f'proto_projections_{level}'], f'proto_projections.{level}', out)
     out[f'logit_scale{level + 1}'] = np.asarray(params[f'logit_scale{level + 1}'], np.float32).reshape(())

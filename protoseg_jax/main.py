@@ -7,6 +7,10 @@ Config values are overridden with `--config.train.batch_size=8`-style flags.
            prints the metrics table and writes DIR/eval_<split>.json.
   predict  writes palette masks and colour overlays for every tile of `config.predict.input_dir`.
   export   writes PyTorch safetensors named as the reference `ClsNetwork` and a timm trunk (`--out`).
+
+`config.method = 'mpamatch'` configs (configs/glas_semi.py, configs/mpamatch_demo.py) run the same modes for
+MPAMatch (protoseg_jax/mpamatch/cli.py): validation every `eval_every_steps`, best by val mDice, export with
+TransUNet / timm names.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and outputs.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export'], 'What to run.')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', 'Checkpoint name for eval/predict.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', 'Checkpoint for eval/predict/export: best or last.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder for --mode=export (default: DIR/export).')
 _SPLIT = flags.DEFINE_string('split', None, 'Split for --mode=eval (default: config.data.test_split).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -104,7 +108,8 @@ def main(argv):
     if method == 'mpamatch':
       from protoseg_jax.mpamatch import cli as mpamatch_cli
 
-      mpamatch_cli.run(_MODE.value, config, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
+      mpamatch_cli.run(_MODE.value, config, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
+                       out=_OUT.value)
     elif method != 'dualprotoseg':
       raise UserError(f"config.method must be 'dualprotoseg' or 'mpamatch', got {method!r}")
     elif _MODE.value == 'train':

@@ -174,7 +174,7 @@ def test_summarize_puts_background_first():
 
 
 def test_cli_train_eval_predict_round_trip(tmp_path):
-  """Supervised variant (fastest to compile) through `protoseg_jax.main`: train, eval, predict."""
+  """Supervised variant (fastest to compile) through `protoseg_jax.main`: train, eval, predict, export."""
   workdir = str(tmp_path / 'run')
   tiny = [f'--config={ROOT}/configs/mpamatch_demo.py', f'--workdir={workdir}',
           '--config.data.synthetic.num_train=8', '--config.data.synthetic.num_val=2',
@@ -205,6 +205,14 @@ def test_cli_train_eval_predict_round_trip(tmp_path):
   assert masks == sorted(os.listdir(test_images))
   mask = Image.open(os.path.join(workdir, 'predictions', 'masks', masks[0]))
   assert mask.mode == 'P' and mask.size == (40, 40) and np.asarray(mask).max() < 5
+  result = run('--mode=export', f'--out={workdir}/exported')
+  assert result.returncode == 0, result.stderr[-2000:]
+  from safetensors.numpy import load_file
+  exported = load_file(os.path.join(workdir, 'exported', 'mpamatch.safetensors'))
+  assert exported['segmentation_head.0.weight'].shape == (5, 4, 3, 3)  # OIHW, 5 synthetic classes
+  assert exported['decoder.conv_more.1.running_var'].shape == (8,)
+  assert set(load_file(os.path.join(workdir, 'exported', 'encoder_timm.safetensors'))) == {
+      key[len('encoder.'):] for key in exported if key.startswith('encoder.')}
   result = run('--mode=eval', '--checkpoint=nope')
   assert result.returncode == 2 and "no checkpoint 'nope'" in result.stderr
 

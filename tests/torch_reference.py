@@ -153,3 +153,64 @@ def soft_prompt_ids(prompt_ids, vocab_size, num_classes, n_ctx):
     start = vocab_size + (row // per_class) * n_ctx
     ids[row, 1:1 + n_ctx] = torch.arange(start, start + n_ctx)
   return ids
+
+
+def conv_bn_relu(in_channels, out_channels, kernel_size=3):
+  """TransUNet's `Conv2dReLU`: conv (no bias), BatchNorm2d, ReLU."""
+  return torch.nn.Sequential(
+      torch.nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+      torch.nn.BatchNorm2d(out_channels), torch.nn.ReLU(inplace=True))
+
+
+class DecoderBlock(torch.nn.Module):
+  def __init__(self, in_channels, out_channels):
+    super().__init__()
+    self.conv1 = conv_bn_relu(in_channels, out_channels)
+    self.conv2 = conv_bn_relu(out_channels, out_channels)
+    self.up = torch.nn.UpsamplingBilinear2d(scale_factor=2)  # align_corners=True
+
+  def forward(self, x):
+    return self.conv2(self.conv1(self.up(x)))
+
+
+class DecoderCup(torch.nn.Module):
+  def __init__(self, hidden, bottleneck, channels):
+    super().__init__()
+    self.conv_more = conv_bn_relu(hidden, bottleneck)
+    ins = [bottleneck] + list(channels[:-1])
+    self.blocks = torch.nn.ModuleList([DecoderBlock(i, o) for i, o in zip(ins, channels)])
+
+  def forward(self, x, tap_level):
+    x, tapped = self.conv_more(x), None
+    for index, block in enumerate(self.blocks):
+      x = block(x)
+      if index + 1 == tap_level:
+        tapped = x
+    return x, tapped
+
+
+class TransUNetUni(torch.nn.Module):
+  """MPAMatch's segmenter as TransUNet's PyTorch code names it (pure-ViT variant, timm UNI trunk), plus the
+  pixel-embedding head and the text side; the layout `protoseg_jax.mpamatch.export` writes."""
+
+  def __init__(self, trunk, text, hidden, bottleneck, channels, num_classes, embed_level, embed_hidden,
+               embed_dim, n_ctx, text_width):
+    super().__init__()
+    self.encoder, self.embed_level = trunk, embed_level
+    self.decoder = DecoderCup(hidden, bottleneck, channels)
+    self.segmentation_head = torch.nn.Sequential(torch.nn.Conv2d(channels[-1], num_classes, 3, padding=1))
+    tapped_channels = channels[embed_level - 1]
+    self.embed_head = torch.nn.Sequential(
+        torch.nn.Conv2d(tapped_channels, embed_hidden, 1, bias=False), torch.nn.BatchNorm2d(embed_hidden),
+        torch.nn.ReLU(inplace=True), torch.nn.Conv2d(embed_hidden, embed_dim, 1))
+    self.text_encoder = text
+    self.prompt_learner = torch.nn.Module()
+    self.prompt_learner.ctx = torch.nn.Parameter(torch.zeros(num_classes, n_ctx, text_width))
+    self.text_adapter = torch.nn.Linear(embed_dim, embed_dim)
+
+  def forward(self, images):  # [B, 3, H, W] -> logits [B, C, H, W], unit embeddings [B, E, h, w]
+    tokens = self.encoder.forward_features(images)[:, self.encoder.num_prefix_tokens:]
+    side = int(round(tokens.shape[1] ** 0.5))
+    features = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+    x, tapped = self.decoder(features, self.embed_level)
+    return self.segmentation_head(x), F.normalize(self.embed_head(tapped), dim=1)

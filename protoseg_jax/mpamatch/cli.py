@@ -1,4 +1,4 @@
-"""`protoseg_jax.main` modes for `config.method == 'mpamatch'`: train, eval, predict."""
+"""`protoseg_jax.main` modes for `config.method == 'mpamatch'`: train, eval, predict, export."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import ml_collections
 from protoseg_jax import metrics as metrics_lib, sharding
 from protoseg_jax.mpamatch import data as data_lib, infer, trainer
 
-MODES = ('train', 'eval', 'predict')
+MODES = ('train', 'eval', 'predict', 'export')
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -52,8 +52,22 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str, checkpoint: str
   return output_dir
 
 
+def run_export(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, out: Optional[str]) -> dict:
+  from protoseg_jax.mpamatch import export
+
+  model, params, batch_stats, meta, _, _ = trainer.restore_weights(config, workdir, checkpoint)
+  params, batch_stats = sharding.host_copy(params), sharding.host_copy(batch_stats)
+  if not sharding.is_primary():
+    return {}
+  paths = export.export(config, params, batch_stats, model.config, out or os.path.join(workdir, 'export'))
+  print(f'exported checkpoint {checkpoint} (step {meta.get("step")}):')
+  for kind, path in paths.items():
+    print(f'{kind:>6}: {path}')
+  return paths
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best',
-        split: Optional[str] = None):
+        split: Optional[str] = None, out: Optional[str] = None):
   """Entry point called by `protoseg_jax.main` (errors are reported there as one line)."""
   if mode == 'train':
     return run_train(config, workdir)
@@ -61,4 +75,6 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str, checkpoint: 
     return run_eval(config, workdir, checkpoint, split)
   if mode == 'predict':
     return run_predict(config, workdir, checkpoint)
+  if mode == 'export':
+    return run_export(config, workdir, checkpoint, out)
   raise ValueError(f'unknown mode {mode!r}: expected one of {MODES}')

@@ -176,9 +176,10 @@ def evaluate_state(window_fn: Callable, state: train.TrainState, images, config)
   return infer.evaluate(lambda windows: window_fn(state.params, state.batch_stats, windows), images, config)
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str, name: str):
-  """-> (model, probs_fn `windows uint8 [N, S, S, 3] -> softmax`, meta) of checkpoint `name` ('best' by
-  `config.eval.select_metric` or 'last' = the newest step) in `workdir/checkpoints`."""
+def restore_weights(config: ml_collections.ConfigDict, workdir: str, name: str):
+  """-> (model, params (frozen + trainable), batch_stats, meta, mesh, state shardings) of checkpoint `name`
+  ('best' by `config.eval.select_metric` or 'last' = the newest step) in `workdir/checkpoints`, laid out on
+  the mesh of `config.mesh`."""
   if name not in CHECKPOINT_NAMES:
     raise checkpoints.CheckpointError(f'no checkpoint {name!r}: --checkpoint must be one of {CHECKPOINT_NAMES}')
   directory = os.path.join(workdir, 'checkpoints')
@@ -194,9 +195,8 @@ def restore(config: ml_collections.ConfigDict, workdir: str, name: str):
   abstract = jax.eval_shape(lambda p, b: train.create_train_state(p, b, optimizer, num_classes, embed_dim),
                             {**frozen, **trainable}, batch_stats)
   shardings = train.state_shardings(abstract, mesh, config.sharding.logical_rules)
-  with_sharding = lambda tree, placement: jax.tree.map(
-      lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), tree, placement)
-  target = with_sharding(abstract, shardings)
+  target = jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+                        abstract, shardings)
   manager = checkpoints.TrainCheckpoints(directory, config.checkpoint.keep, async_save=False)
   try:
     if name == 'best':
@@ -211,6 +211,12 @@ def restore(config: ml_collections.ConfigDict, workdir: str, name: str):
     manager.close()
   check_fingerprint(meta, frozen_fingerprint(frozen), f'checkpoint {name!r} in {directory}')
   params = {**sharding.place_tree(frozen, shardings.frozen), **restored['params']}
-  window_fn = train.make_window_probs_fn(model, config, mesh, shardings)
   logging.info('restored checkpoint %r (step %s)', name, meta.get('step'))
-  return model, lambda windows: window_fn(params, restored['batch_stats'], windows), meta
+  return model, params, restored['batch_stats'], meta, mesh, shardings
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, name: str):
+  """-> (model, probs_fn `windows uint8 [N, S, S, 3] -> softmax`, meta) of checkpoint `name`."""
+  model, params, batch_stats, meta, mesh, shardings = restore_weights(config, workdir, name)
+  window_fn = train.make_window_probs_fn(model, config, mesh, shardings)
+  return model, lambda windows: window_fn(params, batch_stats, windows), meta
