@@ -8,9 +8,9 @@
   # <workdir>/split_<fraction>_seed<split_seed>.json unless --config.data.split_file is given.
   # ablation: --config.loss.variant=unimatch (no prototypes) | supervised (labelled images only)
 
-Pretrained weights: with `config.backbone.source='none'` (default) the UNI trunk and the CONCH text tower
-are random; set `--config.backbone.source=timm --config.backbone.path=/models/uni/pytorch_model.bin`
-to load UNI. CONCH text weights come with the weights importer (not wired yet; see BUILD_NOTES).
+Pretrained weights (local files; nothing is downloaded): this config loads UNI from
+`config.backbone.path` (timm state dict) and CONCH's text tower from `config.backbone.text_path`; set
+`--config.backbone.source=none --config.backbone.text_source=` for random towers.
 """
 
 from protoseg_jax.mpamatch import config as mpamatch_config
@@ -23,6 +23,10 @@ def get_config(dataset: str = 'glas'):
     raise ValueError(f'configs/glas_semi.py:<dataset> must be one of {PRESETS}, got {dataset!r} (config)')
   config = mpamatch_config.mpamatch_config()
   config.data.class_names = mpamatch_config.CLASS_NAMES[dataset]
+  config.backbone.source = 'timm'
+  config.backbone.path = '/models/uni/pytorch_model.bin'
+  config.backbone.text_source = 'conch'
+  config.backbone.text_path = '/models/conch/pytorch_model.bin'
   if dataset == 'glas':
     # Warwick QU folder: train_XX.bmp / train_XX_anno.bmp, testA_*, testB_*. Images ~775 x 522: the host
     # cuts 512 x 512 windows so that the 0.5x rescale still fills a 256 crop; test by sliding window.

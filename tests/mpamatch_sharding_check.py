@@ -6,14 +6,15 @@ prints one JSON line: losses, largest differences, and the layout of a decoder k
 """
 
 import os
-
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
-
-import json  # noqa: E402
-import sys  # noqa: E402
+import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import simulated_devices  # noqa: E402
+
+simulated_devices.enable()  # before JAX is imported
+
+import json  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

@@ -6,16 +6,16 @@ evaluates a small eval set, then prints one JSON object: losses, largest paramet
 """
 
 import os
+import sys
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import simulated_devices  # noqa: E402
+
+simulated_devices.enable()  # before JAX is imported
 
 import json  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -6,9 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+from simulated_devices import FLAGS
+
 SCRIPT = textwrap.dedent('''
     import json, os, sys
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+    os.environ['XLA_FLAGS'] = sys.argv[2]
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from protoseg_jax import checkpoints, sharding
@@ -46,8 +48,8 @@ SCRIPT = textwrap.dedent('''
 def test_restore_onto_a_different_mesh(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   environment = {**os.environ, 'PYTHONPATH': root, 'JAX_PLATFORMS': 'cpu'}
-  completed = subprocess.run([sys.executable, '-c', SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                             env=environment, timeout=600, check=False)
+  completed = subprocess.run([sys.executable, '-c', SCRIPT, str(tmp_path), FLAGS], capture_output=True,
+                             text=True, env=environment, timeout=600, check=False)
   lines = [line for line in completed.stdout.splitlines() if line.startswith('RESULT ')]
   assert completed.returncode == 0 and lines, completed.stderr[-3000:]
   report = json.loads(lines[-1][len('RESULT '):])

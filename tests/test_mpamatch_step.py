@@ -158,3 +158,32 @@ def test_timm_encoder_import(tmp_path):
                                 state['patch_embed.proj.weight'].transpose(2, 3, 1, 0))
   with pytest.raises(FileNotFoundError, match='config.backbone.path'):
     train.load_timm_encoder(str(tmp_path / 'missing.safetensors'), vit)
+
+
+def test_conch_text_tower_is_loaded_for_training_and_for_restoring(tmp_path):
+  """`backbone.text_source='conch'`: the frozen tower comes from the file, in training and when a checkpoint
+  is restored (eval / predict rebuild the frozen part from the config)."""
+  pytest.importorskip('torch')
+  from safetensors.torch import save_file
+  from torch_reference import OpenClipText, perturb_
+
+  config = tiny_config()
+  text_config = config.model.text
+  text = OpenClipText(vocab=text_config.vocab_size, context=text_config.context_table, width=text_config.width,
+                      heads=text_config.num_heads, layers=text_config.depth, embed_dim=text_config.embed_dim)
+  perturb_(text, 3)
+  state = {f'text.{key}': value.contiguous() for key, value in text.state_dict().items()}
+  path = str(tmp_path / 'conch.safetensors')
+  save_file(state, path)
+  config.backbone.update(text_source='conch', text_path=path)
+  model, prompt_ids = train.build_model(config)
+  params, _ = train.init_variables(config, model, prompt_ids, jax.random.key(0))
+  frozen, _, _ = train.init_frozen_and_shapes(config, model, prompt_ids, jax.random.key(5))
+  want = text.token_embedding.weight.detach().numpy()
+  np.testing.assert_array_equal(np.asarray(params['text_encoder']['token_embedding']['embedding']), want)
+  np.testing.assert_array_equal(np.asarray(frozen['text_encoder']['token_embedding']['embedding']), want)
+  np.testing.assert_array_equal(np.asarray(params['text_encoder']['text_projection']),
+                                text.text_projection.detach().numpy())
+  config.backbone.text_path = str(tmp_path / 'missing.bin')
+  with pytest.raises(FileNotFoundError, match='missing.bin'):
+    train.init_variables(config, model, prompt_ids, jax.random.key(0))

@@ -128,8 +128,16 @@ def test_tfrecord_read_by_grains_independent_reader(tmp_path):
   assert list(records.read_tfrecord(path)) == payloads
 
 
+def _masked_crc(data: bytes) -> int:
+  """TFRecord's masked CRC-32C, computed with the independent `crc32c` package (C implementation)."""
+  import crc32c
+
+  crc = crc32c.crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xa282ead8) & 0xffffffff
+
+
 def test_tfrecord_read_by_tensorflow_or_tfrecord_package(tmp_path):
-  payloads = [b'first', os.urandom(3000)]
+  payloads = [b'first', os.urandom(3000), b'']
   path = str(tmp_path / 'x.tfrecord')
   _write_tfrecord(path, payloads)
   try:
@@ -142,9 +150,19 @@ def test_tfrecord_read_by_tensorflow_or_tfrecord_package(tmp_path):
   try:
     from tfrecord import reader
   except ImportError:
-    pytest.skip('neither tensorflow nor the tfrecord package is installed (independent CRC reader); the '
-                'framing is checked by grain\'s reader and the CRCs by the bitwise reference above')
-  assert [bytes(r) for r in reader.tfrecord_iterator(path)] == payloads
+    pytest.skip('neither tensorflow nor the tfrecord package (the test extra) is installed: no independent '
+                'TFRecord reader')
+  assert [bytes(r) for r in reader.tfrecord_iterator(path)] == payloads  # the framing
+  # The tfrecord package does not check CRCs: check both CRCs of every record with crc32c.
+  data, offset = open(path, 'rb').read(), 0
+  for payload in payloads:
+    header = data[offset:offset + 8]
+    assert struct.unpack('<I', data[offset + 8:offset + 12])[0] == _masked_crc(header)
+    start = offset + 12
+    assert data[start:start + len(payload)] == payload
+    assert struct.unpack('<I', data[start + len(payload):start + len(payload) + 4])[0] == _masked_crc(payload)
+    offset = start + len(payload) + 4
+  assert offset == len(data)
 
 
 def test_tfrecord_corrupt_and_truncated_files_are_named(tmp_path):

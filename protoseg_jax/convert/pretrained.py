@@ -63,7 +63,8 @@ def check_hf_clip_sizes(folder: str, vit: VitConfig, text: TextConfig) -> None:
                      f'{vit.activation!r}')
 
 
-def _text_tower(source: str, path: str, vit: VitConfig, text: TextConfig, key: str) -> dict:
+def text_tower(source: str, path: str, vit: VitConfig, text: TextConfig, key: str) -> dict:
+  """The text tower alone from a CONCH file ('conch') or an HF CLIP folder ('hf_clip')."""
   if source == 'conch':
     return torch_to_flax.text_from_open_clip(torch_files.load_state_dict(path, key), text, prefix='text.')
   if source == 'hf_clip':
@@ -99,7 +100,7 @@ def load_towers(backbone: ml_collections.ConfigDict, vit: VitConfig, text: TextC
   if backbone.get('text_source', ''):
     if not backbone.get('text_path', ''):
       raise ValueError('config.backbone.text_path is empty (config.backbone.text_source is set)')
-    towers['text_encoder'] = _text_tower(backbone.text_source, backbone.text_path, vit, text, key)
+    towers['text_encoder'] = text_tower(backbone.text_source, backbone.text_path, vit, text, key)
   return towers
 
 

@@ -89,6 +89,9 @@ def mpamatch_config() -> ml_collections.ConfigDict:
   config.backbone = ml_collections.ConfigDict()
   config.backbone.source = 'none'          # 'none' = random init; 'timm' = UNI state dict at `path`
   config.backbone.path = ''                # .safetensors / .bin / .pth of timm `vit_large_patch16_224`
+  config.backbone.text_source = ''         # frozen text tower: 'conch' (CONCH pytorch_model.bin) |
+  config.backbone.text_path = ''           #   'hf_clip' (CLIPModel folder) | '' = random (demo, tests)
+  config.backbone.checkpoint_key = ''      # dict key holding the state dict inside the files, '' = auto
 
   # --- model ---------------------------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()

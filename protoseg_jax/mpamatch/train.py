@@ -71,56 +71,71 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[MPAMatchModel, np.nd
 
 def init_variables(config: ml_collections.ConfigDict, model: MPAMatchModel, prompt_ids: np.ndarray,
                    rng: jax.Array) -> tuple[dict, dict]:
-  """Random (params, batch_stats); with `config.backbone.source='timm'` the trunk is loaded from a file."""
+  """Random (params, batch_stats), then the pretrained parts `config.backbone` names: the UNI trunk
+  (`source='timm'`, `path`) and the frozen text tower (`text_source='conch'|'hf_clip'`, `text_path`)."""
   size = config.data.image_size
   params_key, dropout_key = jax.random.split(rng)
   init = jax.jit(lambda p, d: model.init({'params': p, 'dropout': d}, jnp.zeros((1, size, size, 3)),
                                          jnp.asarray(prompt_ids)))
   variables = init(params_key, dropout_key)
   params = flax.core.unfreeze(variables['params'])
-  source = config.backbone.source
-  if source == 'timm':
-    params.update(load_timm_encoder(config.backbone.path, model.config.vit))
-  elif source != 'none':
-    raise ValueError(f"config.backbone.source must be 'none' or 'timm', got {source!r}")
+  backbone = config.backbone
+  if backbone.source == 'timm':
+    params.update(load_timm_encoder(backbone.path, model.config.vit, backbone.get('checkpoint_key', '')))
+  elif backbone.source != 'none':
+    raise ValueError(f"config.backbone.source must be 'none' or 'timm', got {backbone.source!r}")
+  params.update(load_text_tower(config, model))
   return params, flax.core.unfreeze(variables['batch_stats'])
+
+
+def load_text_tower(config: ml_collections.ConfigDict, model: MPAMatchModel) -> dict:
+  """`{'text_encoder': ...}` from `config.backbone.text_source` / `text_path`, or {} (random tower)."""
+  from protoseg_jax.convert import pretrained  # pylint: disable=g-import-not-at-top
+
+  backbone = config.backbone
+  if not backbone.get('text_source', ''):
+    return {}
+  if not backbone.get('text_path', ''):
+    raise ValueError('config.backbone.text_path is empty (config.backbone.text_source is set)')
+  tower = pretrained.text_tower(backbone.text_source, backbone.text_path, model.config.vit, model.config.text,
+                                backbone.get('checkpoint_key', ''))
+  return {'text_encoder': jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), tower)}
 
 
 def init_frozen_and_shapes(config: ml_collections.ConfigDict, model: MPAMatchModel, prompt_ids: np.ndarray,
                            rng: jax.Array) -> tuple[dict, dict, dict]:
   """For restoring: (frozen text tower params, shapes of the trainable params, shapes of batch_stats).
 
-  Only the frozen tower is computed (it is not in checkpoints); with the same `rng` it equals the
-  `init_variables` tower, since Flax derives each module's init key from its path. Skipping the random
-  init of everything else saves most of the start-up compile time of eval / predict.
+  Only the frozen tower is computed (it is not in checkpoints): loaded from `config.backbone.text_path`,
+  or, when random, equal to the `init_variables` tower for the same `rng` (Flax derives each module's init
+  key from its path). Skipping the random init of everything else saves most of the start-up compile time
+  of eval / predict.
   """
   size = config.data.image_size
   params_key, dropout_key = jax.random.split(rng)
   shapes = jax.eval_shape(lambda p, d: model.init({'params': p, 'dropout': d}, jnp.zeros((1, size, size, 3)),
                                                   jnp.asarray(prompt_ids)), params_key, dropout_key)
-  text = jax.jit(lambda p: model.init({'params': p}, jnp.asarray(prompt_ids),
-                                      method=MPAMatchModel.text_prototypes))(params_key)
-  frozen = {key: flax.core.unfreeze(text['params'][key]) for key in FROZEN_COLLECTIONS}
+  frozen = load_text_tower(config, model)
+  if not frozen:
+    text = jax.jit(lambda p: model.init({'params': p}, jnp.asarray(prompt_ids),
+                                        method=MPAMatchModel.text_prototypes))(params_key)
+    frozen = {key: flax.core.unfreeze(text['params'][key]) for key in FROZEN_COLLECTIONS}
   trainable, _ = split_params(flax.core.unfreeze(shapes['params']))
   return frozen, trainable, flax.core.unfreeze(shapes['batch_stats'])
 
 
-def load_timm_encoder(path: str, vit: VitConfig) -> dict:
-  """UNI (timm `vit_large_patch16_224`, `init_values=1e-5`) state dict -> {'encoder', 'encoder_norm'}."""
-  import os
+def load_timm_encoder(path: str, vit: VitConfig, checkpoint_key: str = '') -> dict:
+  """UNI (timm `vit_large_patch16_224`, `init_values=1e-5`) state dict -> {'encoder', 'encoder_norm'}.
 
-  from protoseg_jax.convert import torch_to_flax
+  `.bin` / `.pth` files are read without torch and without unpickling arbitrary objects.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+
+  from protoseg_jax.convert import torch_files, torch_to_flax  # pylint: disable=g-import-not-at-top
 
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f'config.backbone.path: timm checkpoint not found: {path!r}')
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-
-    state = load_file(path)
-  else:
-    import torch
-
-    state = {key: value.float().numpy() for key, value in torch.load(path, map_location='cpu').items()}
+  state = torch_files.load_state_dict(path, checkpoint_key)
   encoder = torch_to_flax.vit_from_timm(state, vit)
   for key in ('norm.weight', 'norm.bias'):
     if key not in state:
