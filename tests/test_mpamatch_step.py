@@ -88,6 +88,37 @@ def test_text_tower_frozen_everything_else_moves(trained):
   assert trained['step']._cache_size() == 1
 
 
+@pytest.mark.parametrize('strong_update', [False, True])
+def test_running_statistics_come_from_the_weak_forward_unless_asked(trained, strong_update):
+  """Default: BN running statistics = one EMA update with the [x; u_w] (+ FP) forward's batch statistics;
+  `strong_views_update_bn_stats=True` (UniMatch's PyTorch behaviour) folds in the strong views too."""
+  from protoseg_jax.mpamatch import augment
+  from protoseg_jax.mpamatch.model import MPAMatchModel
+
+  config, model = trained['config'], trained['model']
+  config = config.copy_and_resolve_references()
+  config.train.strong_views_update_bn_stats = strong_update
+  _, prompt_ids = train.build_model(config)
+  state = jax.tree.map(jnp.asarray, trained['initial'])
+  optimizer, schedules = train.make_optimizer(config.train, total_steps=100)
+  step = jax.jit(train.train_step_fn(model, config, prompt_ids, optimizer, schedules))
+  batch = fixed_batch()
+  new_state, _ = step(state, batch, jax.random.key(1))
+  # The step's own keys: fold_in(rng, step) split in 5; the weak view is the identity here (tiny_config), the
+  # FP dropout uses keys[4].
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(1), 0), 5)
+  weak = augment.normalize(jnp.concatenate([batch['x'], batch['u']]).astype(jnp.float32) / 255.0,
+                           config.data.mean, config.data.std)
+  _, updates = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, weak, True, True, True,
+                           method=MPAMatchModel.segment, mutable=['batch_stats'], rngs={'dropout': keys[4]})
+  expected, got = jax.tree.leaves(updates['batch_stats']), jax.tree.leaves(new_state.batch_stats)
+  if strong_update:
+    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(expected, got)) > 1e-4
+  else:
+    for want, have in zip(expected, got):
+      np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
 def test_model_shapes(trained):
   model, state = trained['model'], trained['state']
   images = jnp.zeros((2, 32, 32, 3))

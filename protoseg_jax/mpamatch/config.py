@@ -147,6 +147,10 @@ def mpamatch_config() -> ml_collections.ConfigDict:
   config.train.adam_eps = 1e-8
   config.train.poly_power = 0.9
   config.train.compute_dtype = 'auto'      # bfloat16 on GPU/TPU, float32 on CPU
+  # BatchNorm running statistics (used at evaluation and for the CutMix partner's pseudo-label) from the
+  # weak-view forward only. True = UniMatch's PyTorch behaviour: the strong views' forward updates them too,
+  # which on H&E (colour jitter, greyscale) pulls them away from real tiles; measured in BUILD_NOTES.md.
+  config.train.strong_views_update_bn_stats = False
 
   # --- checkpoints, device mesh, sharding rules: as DualProtoSeg (protoseg_jax/config_defaults.py) -----
   # <workdir>/checkpoints/steps/<step>: train state (incl. BatchNorm statistics and the prototype bank),

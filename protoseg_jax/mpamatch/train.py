@@ -255,6 +255,7 @@ def train_step_fn(model: MPAMatchModel, config: ml_collections.ConfigDict, promp
   num_classes, stride = model.config.num_classes, model.config.embed_stride
   prompt_ids = jnp.asarray(prompt_ids)
   use_prototypes = variant == 'mpamatch'
+  strong_views_update_bn_stats = config.train.strong_views_update_bn_stats
   norm = lambda images: augment.normalize(images, data.mean, data.std)
 
   def apply(params, batch_stats, images, train, fp=False, embeddings=False, rng=None):
@@ -312,8 +313,12 @@ def train_step_fn(model: MPAMatchModel, config: ml_collections.ConfigDict, promp
                                          embeddings=use_prototypes, rng=keys[4])
       pred_x, pred_u_w = logits[:labelled], logits[labelled:labelled + u_w.shape[0]]
       pred_fp = logits[2 * labelled + u_w.shape[0]:]
-      strong_logits, strong_embed, batch_stats = apply(params, batch_stats, jnp.concatenate([u_s1, u_s2]), True,
-                                                       embeddings=use_prototypes)
+      # The strong views are normalised with their own batch statistics; whether those also enter the
+      # running averages used at evaluation is `config.train.strong_views_update_bn_stats` (see its comment).
+      strong_logits, strong_embed, strong_stats = apply(params, batch_stats, jnp.concatenate([u_s1, u_s2]),
+                                                        True, embeddings=use_prototypes)
+      if strong_views_update_bn_stats:
+        batch_stats = strong_stats
       pred_s1, pred_s2 = jnp.split(strong_logits, 2)
 
       y_w, conf_w, confident = losses.confidence_mask(jax.lax.stop_gradient(jax.nn.softmax(pred_u_w)), tau)
