@@ -7,7 +7,8 @@ only), following UniMatch V1's `unimatch.py` with the CutMix partner = the batch
      and confidence for the pasted regions (V1's `model.eval()` pass on `u_w_mix`);
   3. paste the partner's strong view inside each CutMix box;
   4. train-mode forward of [x; u_w] with the feature-perturbation stream (decoder on [f; dropout2d(f)]),
-     then of [u_s1; u_s2];
+     then of [u_s1; u_s2] (by default its BatchNorm statistics do not enter the running averages:
+     `config.train.strong_views_update_bn_stats`);
   5. pseudo-label y_w = argmax, conf_w = max softmax of stop_grad(pred_u_w); mixed targets inside boxes;
   6. L = (L_x + 0.5 L_fp + 0.25 L_s1 + 0.25 L_s2) / 2
        + lambda_img (L_img^lab + L_img^unl) + lambda_txt (L_txt^lab + L_txt^unl),
