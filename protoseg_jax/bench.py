@@ -52,6 +52,19 @@ def _time(fn, steps: int) -> float:
   return (time.perf_counter() - start) / steps
 
 
+def _time_train_step(train_step, state, batch: dict, steps: int) -> tuple[float, float]:
+  """(seconds per step, XLA FLOPs per step) of a donating `(state, batch, rng) -> (state, metrics)`."""
+  key = jax.random.key(1)
+  flops = _flops(train_step, state, batch, key)
+  holder = {'state': state}
+
+  def one_step():
+    holder['state'], metrics = train_step(holder['state'], batch, key)
+    return metrics['loss']
+
+  return _time(one_step, steps), flops
+
+
 def run_mpamatch(config, steps: int, what: list[str]) -> list[dict]:
   from protoseg_jax.mpamatch import train as mpamatch_train  # pylint: disable=g-import-not-at-top
 
@@ -75,15 +88,7 @@ def run_mpamatch(config, steps: int, what: list[str]) -> list[dict]:
     else:
       unlabelled = 0
     batch = jax.tree.map(jnp.asarray, batch)
-    key = jax.random.key(1)
-    flops = _flops(train_step, state, batch, key)
-    holder = {'state': state}
-
-    def one_step():
-      holder['state'], metrics = train_step(holder['state'], batch, key)
-      return metrics['loss']
-
-    seconds = _time(one_step, steps)
+    seconds, flops = _time_train_step(train_step, state, batch, steps)
     rows.append({'step': f'train ({config.loss.variant})', 'batch': labelled + unlabelled, 'seconds': seconds,
                  'flops': flops})
   if 'inference' in what:
@@ -112,15 +117,7 @@ def run(config, steps: int, what: list[str]) -> list[dict]:
     train_step = train.make_train_step(model, config, prompt_ids, optimizer, schedule)
     batch = {'images': jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8)),
              'labels': jnp.asarray(rng.integers(0, 2, (batch_size, num_classes), np.int32))}
-    key = jax.random.key(1)
-    flops = _flops(train_step, state, batch, key)
-    holder = {'state': state}
-
-    def one_step():
-      holder['state'], metrics = train_step(holder['state'], batch, key)
-      return metrics['loss']
-
-    seconds = _time(one_step, steps)
+    seconds, flops = _time_train_step(train_step, state, batch, steps)
     rows.append({'step': 'train', 'batch': batch_size, 'seconds': seconds, 'flops': flops})
   if 'inference' in what:
     batch_size = config.eval.batch_size

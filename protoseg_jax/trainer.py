@@ -64,6 +64,15 @@ class PreemptionSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def stop_requested(done: int, total_steps: int, should_stop: Optional[Callable[[int], bool]],
+                   preemption: PreemptionSignal, manager: checkpoints.TrainCheckpoints) -> bool:
+  """After step `done`: stop early (save, return) on SIGTERM, an Orbax preemption notice on any host, or
+  `should_stop(done)`; never after the last step."""
+  external = should_stop is not None and should_stop(done)
+  preempted = preemption.received or manager.reached_preemption(done)
+  return done < total_steps and (preempted or external)
+
+
 def evaluate_source(params: dict, eval_source: pipeline.EvalSource, bank_fn, confusion_fn,
                     config: ml_collections.ConfigDict) -> dict:
   """Confusion matrix over a whole (possibly host-sharded) split -> metrics dict."""
@@ -207,9 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           window_start = time.perf_counter()
         elif done % config.checkpoint.every_steps == 0:
           save(done)
-        external_stop = should_stop is not None and should_stop(done)
-        preempted = preemption.received or manager.reached_preemption(done)
-        if done < total_steps and (preempted or external_stop):
+        if stop_requested(done, total_steps, should_stop, preemption, manager):
           save(done)
           logging.warning('stopped at step %d of %d; rerun the same command to resume', done, total_steps)
           return {'stopped_at_step': done, **last_eval}

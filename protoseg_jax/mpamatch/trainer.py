@@ -19,7 +19,8 @@ import numpy as np
 
 from protoseg_jax import checkpoints, metrics as metrics_lib, sharding
 from protoseg_jax.mpamatch import data as data_lib, infer, train
-from protoseg_jax.trainer import JsonlWriter, PreemptionSignal, check_fingerprint, checkpoint_meta
+from protoseg_jax.trainer import (JsonlWriter, PreemptionSignal, check_fingerprint, checkpoint_meta,
+                                  stop_requested)
 
 CHECKPOINT_NAMES = ('best', 'last')
 
@@ -158,9 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           window_start = time.perf_counter()
         elif done % config.checkpoint.every_steps == 0:
           save(done)
-        external_stop = should_stop is not None and should_stop(done)
-        preempted = preemption.received or manager.reached_preemption(done)
-        if done < total_steps and (preempted or external_stop):
+        if stop_requested(done, total_steps, should_stop, preemption, manager):
           save(done)
           logging.warning('stopped at step %d of %d; rerun the same command to resume', done, total_steps)
           return {'stopped_at_step': done, **last_eval}
