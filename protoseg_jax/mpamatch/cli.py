@@ -39,15 +39,17 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, s
   print(f'{split} ({len(images)} images, checkpoint {checkpoint}, step {meta.get("step")}):')
   print(metrics_lib.format_metrics_table(result))
   print(f'mIoU (all classes) {100 * result["mIoU_all"]:.2f}')
-  with open(os.path.join(workdir, f'eval_{split}.json'), 'w') as handle:
-    json.dump(result, handle, indent=2)
+  if sharding.is_primary():
+    with open(os.path.join(workdir, f'eval_{split}.json'), 'w') as handle:
+      json.dump(result, handle, indent=2)
   return result
 
 
 def run_predict(config: ml_collections.ConfigDict, workdir: str, checkpoint: str) -> str:
   _, probs_fn, _ = trainer.restore(config, workdir, checkpoint)
   output_dir = config.predict.output_dir or os.path.join(workdir, 'predictions')
-  count = infer.predict_folder(probs_fn, config, config.predict.input_dir, output_dir)
+  count = infer.predict_folder(probs_fn, config, config.predict.input_dir, output_dir,
+                               write=sharding.is_primary())
   print(f'wrote {count} masks and overlays to {output_dir}')
   return output_dir
 

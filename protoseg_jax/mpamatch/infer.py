@@ -135,8 +135,11 @@ def list_images(input_dir: str) -> list[str]:
 
 
 def predict_folder(probs_fn: Callable, config: ml_collections.ConfigDict, input_dir: str,
-                   output_dir: str) -> int:
-  """Writes `masks/<stem>.png` (palette PNG, class ids) and `overlays/<stem>.png`; returns the count."""
+                   output_dir: str, write: bool = True) -> int:
+  """Writes `masks/<stem>.png` (palette PNG, class ids) and `overlays/<stem>.png`; returns the count.
+
+  Multi-host: every process must run the (sharded) predictions; only the one with `write` writes files.
+  """
   palette = np.asarray(config.data.palette, np.uint8)
   if len(palette) != len(config.data.class_names):
     raise ValueError(f'config.data.palette has {len(palette)} colours for {len(config.data.class_names)} classes')
@@ -147,6 +150,8 @@ def predict_folder(probs_fn: Callable, config: ml_collections.ConfigDict, input_
     image = read_image(path)
     mask = predict_mask(probs_fn, data_lib.resize_square(image, config.data.resize_to, nearest=False),
                         image.shape[:2], config)
+    if not write:
+      continue
     stem = os.path.splitext(os.path.basename(path))[0]
     write_palette_png(os.path.join(output_dir, 'masks', stem + '.png'), mask, palette)
     Image.fromarray(overlay(image, mask, palette, config.predict.overlay_alpha)).save(
