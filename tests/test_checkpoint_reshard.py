@@ -11,6 +11,7 @@ from simulated_devices import FLAGS
 SCRIPT = textwrap.dedent('''
     import json, os, sys
     os.environ['XLA_FLAGS'] = sys.argv[2]
+    os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)  # see tests/simulated_devices.py
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from protoseg_jax import checkpoints, sharding
