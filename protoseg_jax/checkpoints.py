@@ -66,6 +66,12 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
+def tree_checksum(tree: Any) -> float:
+  """A cheap checksum (sum of |values| in float64) of a parameter tree, e.g. the frozen towers: stored in
+  checkpoint meta so that a restore onto different towers is refused by the caller."""
+  return float(sum(np.abs(np.asarray(jax.device_get(leaf), np.float64)).sum() for leaf in jax.tree.leaves(tree)))
+
+
 class TrainCheckpoints:
   """Resumable training checkpoints (last `keep` steps) plus the best-by-metric trainable params.
 

@@ -105,6 +105,9 @@ def main(argv):
 
   try:
     method = config.get('method', 'dualprotoseg')
+    if _MODE.value == 'train' and sharding.is_primary():
+      with open(os.path.join(workdir, 'config.json'), 'w') as handle:
+        handle.write(config.to_json_best_effort(indent=2))
     if method == 'mpamatch':
       from protoseg_jax.mpamatch import cli as mpamatch_cli
 
@@ -115,9 +118,6 @@ def main(argv):
     elif _MODE.value == 'train':
       from protoseg_jax import metrics as metrics_lib, trainer
 
-      if sharding.is_primary():
-        with open(os.path.join(workdir, 'config.json'), 'w') as handle:
-          handle.write(config.to_json_best_effort(indent=2))
       result = trainer.train_and_evaluate(config, workdir)
       if 'stopped_at_step' in result:
         print(f'stopped at step {result["stopped_at_step"]}; rerun the same command to resume')

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from protoseg_jax import builders, tokenizer as tokenizer_lib
+from protoseg_jax import builders, checkpoints, tokenizer as tokenizer_lib
 from protoseg_jax.convert import pretrained
 from protoseg_jax.models.dualprotoseg import DualProtoSeg
 
@@ -61,4 +61,4 @@ def _check_same_structure(name: str, expected: dict, loaded: dict) -> None:
 def frozen_fingerprint(params: dict) -> float:
   """A cheap checksum of the frozen towers, stored with checkpoints to catch a different backbone."""
   _, frozen = builders.split_params(params)
-  return float(sum(np.abs(np.asarray(leaf, np.float64)).sum() for leaf in jax.tree.leaves(frozen)))
+  return checkpoints.tree_checksum(frozen)

@@ -253,23 +253,6 @@ def param_shardings(params: Any, mesh: AnyMesh, rules: Rules, log: bool = True) 
   return jax.tree_util.tree_unflatten(treedef, shardings)
 
 
-def _follow_params(tree: Any, params: Any, shardings: Any, mesh: AnyMesh) -> Any:
-  """Shardings for an optimizer state: subtrees shaped like `params` (Adam moments) follow `shardings`,
-  everything else (step counts, empty states) is replicated."""
-  target = jax.tree.structure(params)
-  is_param_tree = lambda node: jax.tree.structure(node) == target and not jax.tree_util.all_leaves([node])
-
-  def assign(node):
-    if is_param_tree(node):
-      return shardings
-    if np.ndim(node) > 0:
-      logging.warning('optimizer state leaf of shape %s does not mirror the parameters: replicated',
-                      np.shape(node))
-    return replicated(mesh)
-
-  return jax.tree.map(assign, tree, is_leaf=is_param_tree)
-
-
 def train_state_shardings(abstract_state: Any, mesh: AnyMesh, rules: Rules) -> Any:
   """`TrainState` (arrays or `jax.eval_shape` structs) -> the same `TrainState` of `NamedSharding`s.
 
@@ -281,8 +264,8 @@ def train_state_shardings(abstract_state: Any, mesh: AnyMesh, rules: Rules) -> A
   trainable = {key: shardings[key] for key in abstract_state.trainable}
   frozen = {key: shardings[key] for key in abstract_state.frozen}
   return dataclasses.replace(abstract_state, step=replicated(mesh), trainable=trainable, frozen=frozen,
-                             opt_state=_follow_params(abstract_state.opt_state, abstract_state.trainable,
-                                                      trainable, mesh))
+                             opt_state=optimizer_state_shardings(abstract_state.opt_state,
+                                                                 abstract_state.trainable, trainable, mesh))
 
 
 def optimizer_state_shardings(opt_state: Any, params: Any, shardings: Any, mesh: AnyMesh) -> Any:
@@ -303,6 +286,9 @@ def optimizer_state_shardings(opt_state: Any, params: Any, shardings: Any, mesh:
     match = by_path.get(tuple(reversed(keys)))
     if match is not None and match[0] == np.shape(leaf):
       return match[1]
+    if np.ndim(leaf) > 0:
+      logging.warning('optimizer state leaf %s of shape %s matches no parameter: replicated', _path_name(path),
+                      np.shape(leaf))
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(assign, opt_state)

@@ -15,9 +15,6 @@ MODES = ('train', 'eval', 'predict', 'export')
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  if sharding.is_primary():
-    with open(os.path.join(workdir, 'config.json'), 'w') as handle:
-      handle.write(config.to_json_best_effort(indent=2))
   result = trainer.train_and_evaluate(config, workdir)
   if 'stopped_at_step' in result:
     print(f'stopped at step {result["stopped_at_step"]}; rerun the same command to resume')

@@ -19,6 +19,7 @@ Every user-facing problem raises `DatasetError` naming the file or folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -319,11 +320,15 @@ class SemiBatches:
     self.labelled_batch, self.unlabelled_batch = labelled_batch, unlabelled_batch
     self.window, self.seed = window, seed
 
+  @functools.lru_cache(maxsize=4)
+  def _permutation(self, count: int, stream: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, stream, epoch]).permutation(count)
+
   def _indices(self, count: int, batch: int, step: int, stream: int) -> list[int]:
     out = []
     for position in range(step * batch, (step + 1) * batch):
       epoch, offset = divmod(position, count)
-      out.append(int(np.random.default_rng([self.seed, stream, epoch]).permutation(count)[offset]))
+      out.append(int(self._permutation(count, stream, epoch)[offset]))
     return out
 
   def batch(self, step: int) -> dict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -37,16 +35,14 @@ def class_sums(embeddings: jax.Array, labels: jax.Array, weights: jax.Array,
   return sums, jnp.sum(one_hot.reshape(-1, num_classes), axis=0)
 
 
-def ema_update(bank: PrototypeBank, sums: jax.Array, counts: jax.Array, momentum: float,
-               axis_name: Optional[str] = None) -> PrototypeBank:
+def ema_update(bank: PrototypeBank, sums: jax.Array, counts: jax.Array, momentum: float) -> PrototypeBank:
   """One EMA step with this batch's class means.
 
   For each class c with pixels in the batch: `P_c <- normalise(m P_c + (1 - m) normalise(sum_c / n_c))`;
   a class seen for the first time takes the batch prototype as is; absent classes keep their row.
-  With `axis_name`, sums and counts are summed across devices first (so every device holds the same bank).
+  Under a mesh the sums and counts are global-batch values (jit over sharded arrays), so every device holds
+  the same bank.
   """
-  if axis_name is not None:
-    sums, counts = jax.lax.psum((sums, counts), axis_name)
   sums, counts = jax.lax.stop_gradient((sums, counts))
   present = counts > 0
   batch = ops.l2_normalize(sums / jnp.maximum(counts, 1.0)[:, None])

@@ -197,18 +197,11 @@ def create_train_state(params: dict, batch_stats: dict, optimizer, num_classes: 
 
 
 def state_shardings(abstract_state: TrainState, mesh, rules) -> TrainState:
-  """The state's tree of `NamedSharding`s: parameters by `sharding.PARAM_AXES` and `rules`, Adam moments
-  like their parameters, BatchNorm statistics, the prototype bank and the step replicated."""
-  params = {**abstract_state.frozen, **abstract_state.trainable}
-  by_param = sharding.param_shardings(params, mesh, rules)
-  trainable = {key: by_param[key] for key in abstract_state.trainable}
+  """The state's tree of `NamedSharding`s: parameters and Adam moments as `sharding.train_state_shardings`
+  lays them out, BatchNorm statistics and the prototype bank replicated."""
   replicate = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)
-  return abstract_state.replace(
-      step=sharding.replicated(mesh), trainable=trainable,
-      frozen={key: by_param[key] for key in abstract_state.frozen},
-      batch_stats=replicate(abstract_state.batch_stats), bank=replicate(abstract_state.bank),
-      opt_state=sharding.optimizer_state_shardings(abstract_state.opt_state, abstract_state.trainable,
-                                                   trainable, mesh))
+  return sharding.train_state_shardings(abstract_state, mesh, rules).replace(
+      batch_stats=replicate(abstract_state.batch_stats), bank=replicate(abstract_state.bank))
 
 
 def create_sharded_train_state(params: dict, batch_stats: dict, optimizer, num_classes: int, embed_dim: int,

@@ -25,11 +25,6 @@ from protoseg_jax.trainer import (JsonlWriter, PreemptionSignal, check_fingerpri
 CHECKPOINT_NAMES = ('best', 'last')
 
 
-def frozen_fingerprint(frozen: dict) -> float:
-  """A cheap checksum of the frozen text tower, stored with checkpoints to catch a different tower."""
-  return float(sum(np.abs(np.asarray(jax.device_get(leaf), np.float64)).sum() for leaf in jax.tree.leaves(frozen)))
-
-
 def resumable(state: train.TrainState) -> dict:
   """What a step checkpoint holds: everything but the frozen text tower (rebuilt from the config)."""
   return {'step': state.step, 'trainable': state.trainable, 'batch_stats': state.batch_stats,
@@ -82,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   params, batch_stats = train.init_variables(config, model, prompt_ids, init_key)
-  fingerprint = frozen_fingerprint(train.split_params(params)[1])
+  fingerprint = checkpoints.tree_checksum(train.split_params(params)[1])
   total_steps = config.train.steps
   optimizer, schedules = train.make_optimizer(config.train, total_steps)
   state, shardings = train.create_sharded_train_state(params, batch_stats, optimizer, model.config.num_classes,
@@ -208,7 +203,7 @@ def restore_weights(config: ml_collections.ConfigDict, workdir: str, name: str):
       restored = {'params': state['trainable'], 'batch_stats': state['batch_stats']}
   finally:
     manager.close()
-  check_fingerprint(meta, frozen_fingerprint(frozen), f'checkpoint {name!r} in {directory}')
+  check_fingerprint(meta, checkpoints.tree_checksum(frozen), f'checkpoint {name!r} in {directory}')
   params = {**sharding.place_tree(frozen, shardings.frozen), **restored['params']}
   logging.info('restored checkpoint %r (step %s)', name, meta.get('step'))
   return model, params, restored['batch_stats'], meta, mesh, shardings
