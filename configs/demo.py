@@ -6,11 +6,11 @@ back by the real reader); only the sizes differ. No downloads: random frozen tow
   python -m protoseg_jax.main --config=configs/demo.py --workdir=/tmp/demo
 """
 
-from protoseg_jax import config_defaults
+from protoseg_jax.methods.dualprotoseg import config as dualprotoseg_config
 
 
 def get_config():
-  config = config_defaults.dualprotoseg_config()
+  config = dualprotoseg_config.get_config()
   config.data.kind = 'synthetic'
   config.data.root = ''                    # '' = <workdir>/synthetic_bcss
   config.data.synthetic.num_train = 768
@@ -18,6 +18,8 @@ def get_config():
   config.data.synthetic.num_test = 64
   config.data.cache_in_memory = True
   config.data.decode_threads = 2
+  config.data.grain.read_threads = 2
+  config.data.grain.prefetch_buffer_size = 4
 
   config.tokenizer.kind = 'bytes'
 
@@ -40,4 +42,5 @@ def get_config():
   config.train.learning_rate = 5e-3
   config.train.log_every_steps = 16
   config.eval.batch_size = 32
+  config.eval.crf = 'off'                  # the dense CRF needs the [crf] extra; the demo runs without it
   return config

@@ -13,7 +13,7 @@ Pretrained weights (local files; nothing is downloaded): this config loads UNI f
 `--config.backbone.source=none --config.backbone.text_source=` for random towers.
 """
 
-from protoseg_jax.mpamatch import config as mpamatch_config
+from protoseg_jax.methods.mpamatch import config as mpamatch_config
 
 PRESETS = ('glas', 'ebhi_gland', 'ebhi_cancer', 'kpi')
 
@@ -21,7 +21,7 @@ PRESETS = ('glas', 'ebhi_gland', 'ebhi_cancer', 'kpi')
 def get_config(dataset: str = 'glas'):
   if dataset not in PRESETS:
     raise ValueError(f'configs/glas_semi.py:<dataset> must be one of {PRESETS}, got {dataset!r} (config)')
-  config = mpamatch_config.mpamatch_config()
+  config = mpamatch_config.get_config()
   config.data.class_names = mpamatch_config.CLASS_NAMES[dataset]
   config.backbone.source = 'timm'
   config.backbone.path = '/models/uni/pytorch_model.bin'

@@ -9,11 +9,11 @@ device, and evaluation slides a 64 x 64 window over the whole tiles.
   # ablation: --config.loss.variant=unimatch | supervised
 """
 
-from protoseg_jax.mpamatch import config as mpamatch_config
+from protoseg_jax.methods.mpamatch import config as mpamatch_config
 
 
 def get_config():
-  config = mpamatch_config.mpamatch_config()
+  config = mpamatch_config.get_config()
   config.data.kind = 'synthetic'
   config.data.root = ''                    # '' = <workdir>/synthetic_seg
   config.data.class_names = mpamatch_config.CLASS_NAMES['synthetic']

@@ -58,3 +58,38 @@ require() {
     fi
   done
 }
+
+# protoseg_jax.main's exit code after SIGTERM / SIGINT once a checkpoint is saved (errors.EXIT_PREEMPTED):
+# the run resumes where it stopped when the same command is run again.
+EXIT_PREEMPTED=75
+MAX_RESUMES="${MAX_RESUMES:-3}"
+
+# Runs the command, and again while it exits with EXIT_PREEMPTED (at most MAX_RESUMES more times); Ctrl-C in
+# this terminal ends the loop after the current run has saved. Returns the last exit code.
+run_resuming() {
+  show "$@"
+  note "rerun while it exits $EXIT_PREEMPTED (preempted after saving a checkpoint), at most $MAX_RESUMES times"
+  if [[ "$DRY_RUN" == 1 ]]; then
+    return 0
+  fi
+  local attempt=0 rc interrupted=0
+  trap 'interrupted=1' INT
+  while :; do
+    set +e
+    "$@"
+    rc=$?
+    set -e
+    if (( rc != EXIT_PREEMPTED || interrupted || attempt >= MAX_RESUMES )); then
+      trap - INT
+      return "$rc"
+    fi
+    attempt=$((attempt + 1))
+    note "exit $rc: resuming (attempt $attempt of $MAX_RESUMES)"
+  done
+}
+
+# The remote-shell form of run_resuming: a one-line loop around an already quoted command.
+resuming_loop() {
+  printf 'n=0; while :; do %s; rc=$?; if [ "$rc" -ne %s ] || [ "$n" -ge %s ]; then exit "$rc"; fi; n=$((n + 1)); done' \
+    "$1" "$EXIT_PREEMPTED" "$MAX_RESUMES"
+}

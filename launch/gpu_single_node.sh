@@ -10,6 +10,7 @@
 #   DATA_DIR    (config.data.root; unset = the config's)
 #   PYTHON      python3
 #   MEM_FRACTION  0.9 (XLA_PYTHON_CLIENT_MEM_FRACTION: share of each GPU that JAX preallocates)
+#   MAX_RESUMES   3 (reruns after exit code 75 = preempted by SIGTERM after saving: the run resumes)
 #
 # --dry-run prints the command (a `+ ...` line, pasteable) without running it.
 set -euo pipefail
@@ -49,6 +50,6 @@ if [[ -n "${DATA_DIR:-}" ]]; then
 fi
 
 cd "$REPO_ROOT"
-run "${ENVIRONMENT[@]}" "$PYTHON" -m protoseg_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
+run_resuming "${ENVIRONMENT[@]}" "$PYTHON" -m protoseg_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
   "${DATA_FLAGS[@]}" --config.mesh.data="$MESH_DATA" --config.mesh.fsdp="$MESH_FSDP" \
   --config.mesh.tensor="$MESH_TENSOR" --config.sharding.distributed=off "${EXTRA_ARGS[@]}"

@@ -156,7 +156,9 @@ do_run() {
   mount="{ mountpoint -q $at || { sudo mkdir -p $at && sudo chown \"\$USER\" $at"
   mount+=" && gcsfuse --implicit-dirs $(quote "$BUCKET_NAME") $at; }; }"
   local script
-  script="$(join_steps "$mount" "cd ~/protoseg_jax" "$(join_quoted "${main_args[@]}")")"
+  # Every worker reruns the same command while it exits 75 (a preemption notice reaches all hosts: each saves
+  # its shards of the checkpoint, then exits 75), at most MAX_RESUMES times.
+  script="$(join_steps "$mount" "cd ~/protoseg_jax" "$(resuming_loop "$(join_quoted "${main_args[@]}")")")"
   if [[ "$DETACH" == 1 ]]; then
     # Keeps running when the ssh session ends; output in ~/protoseg_run.log on every worker.
     script="nohup bash -c $(quote "$script") > ~/protoseg_run.log 2>&1 &"

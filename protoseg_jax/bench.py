@@ -1,166 +1,194 @@
-"""Throughput benchmark: `python -m protoseg_jax.bench --config=configs/bcss.py [--config.train.batch_size=64]`.
+"""Speed you can prove: `python -m protoseg_jax.bench --config=CONFIG [--what=...] [--compile_only]`.
 
-Times the jitted train step and the inference step on random uint8 tiles after warm-up and prints a table:
-img/s, step time, XLA's FLOP count per image, achieved TFLOP/s, and peak device memory. DualProtoSeg:
-inference = TTA CAM -> mask. MPAMatch configs (`config.method = 'mpamatch'`): the train step of
-`config.loss.variant` on labelled + unlabelled batches (img/s counts both), inference = the segmentation
-head on `config.eval.batch_size` windows. No dataset or checkpoint is read.
+For every program of the method (`Method.bench_workloads`: train step, inference forward, TTA scores,
+window inference, ...) the table reports, from the compiled program itself:
+  GFLOP/img   XLA's cost analysis (`costs.compiled_cost`; while-loop bodies counted once) and, beside it,
+              the analytic matmul/conv count of the jaxpr (`costs.matmul_flops`, loops times their trip count)
+  GB/img      bytes accessed (cost analysis)
+  peak GiB    argument + output + temp - alias of the compiled program (memory analysis)
+and, unless `--compile_only`, when run on random weights and tiles: img/s, ms/step and MFU (matmul FLOPs /
+s / the chip's bf16 dense peak, `costs.peak_tflops`; `--peak_tflops` for an unknown chip). `--compile_only`
+never executes nor allocates a full-size input, so full-size programs are accounted for on a CPU.
+Extra rows: `pipeline` (the method's own host input pipeline on its configured data: batches/s, img/s per
+host core, and the fraction of a step the device would wait at the measured step time) and `slides` (a
+synthetic slide through `protoseg_jax.slides`: tiles/s, seconds, input wait). `--json=PATH` writes the rows;
+`--profile_dir=DIR` records a `jax.profiler` trace of a few timed train steps.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import tempfile
 import time
+from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from protoseg_jax import builders, runtime, train
+from protoseg_jax import costs, registry
+from protoseg_jax.method import Method, Workload
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file with get_config().',
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per measurement (after 2 warm-up steps).')
-_WHAT = flags.DEFINE_list('what', ['train', 'inference'], 'Which steps to time.')
-flags.mark_flags_as_required(['config'])
+WHAT = ('train', 'inference', 'tta', 'pipeline', 'slides')
 
-
-def _flops(jitted, *args) -> float:
-  try:
-    cost = jitted.lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get('flops', float('nan')))
-  except Exception:  # cost analysis is best effort on some backends
-    return float('nan')
-
-
-def _peak_memory_gib() -> float:
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get('peak_bytes_in_use')
-  return peak / 2 ** 30 if peak is not None else float('nan')
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file with get_config().', lock_config=True)
+_WHAT = flags.DEFINE_list('what', ['train', 'inference', 'tta'], f'Rows: any of {", ".join(WHAT)}.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls per program (after 2 warm-up calls).')
+_BATCH = flags.DEFINE_integer('batch_size', 0, 'Batch of every program (0 = the config\'s).')
+_COMPILE_ONLY = flags.DEFINE_boolean('compile_only', False, 'Account for the compiled programs, run nothing.')
+_PEAK = flags.DEFINE_float('peak_tflops', None, 'bf16 dense peak of the chip, TFLOP/s (default: by kind).')
+_JSON = flags.DEFINE_string('json', None, 'Write the rows as JSON here.')
+_PROFILE = flags.DEFINE_string('profile_dir', None, 'Write a jax.profiler trace of the timed train steps.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Data folder for the pipeline / slides rows (default: a '
+                               'temporary folder; the method writes its synthetic set there if configured).')
+_SLIDE_PX = flags.DEFINE_integer('slide_px', 4096, 'Side of the synthetic slide of the slides row.')
 
 
-def _time(fn, steps: int) -> float:
-  """Seconds per call of `fn()` (which returns something to block on), after two warm-up calls."""
+def _time(fn, args: tuple, steps: int, donate: bool, profile_dir: Optional[str]) -> tuple[float, float]:
+  """(seconds per call, device peak GiB) of `fn(*args)` after two warm-up calls; a donating train step
+  gets its own output state back as input."""
+  state = list(args)
+
+  def call():
+    out = fn(*state)
+    if donate:
+      state[0] = out[0]
+    return out
+
   for _ in range(2):
-    jax.block_until_ready(fn())
+    jax.block_until_ready(call())
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
   start = time.perf_counter()
   for _ in range(steps):
-    out = fn()
+    out = call()
   jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
+  seconds = (time.perf_counter() - start) / steps
+  if profile_dir:
+    jax.profiler.stop_trace()
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return seconds, peak / 2 ** 30 if peak is not None else math.nan
 
 
-def _time_train_step(train_step, state, batch: dict, steps: int) -> tuple[float, float]:
-  """(seconds per step, XLA FLOPs per step) of a donating `(state, batch, rng) -> (state, metrics)`."""
-  key = jax.random.key(1)
-  flops = _flops(train_step, state, batch, key)
-  holder = {'state': state}
-
-  def one_step():
-    holder['state'], metrics = train_step(holder['state'], batch, key)
-    return metrics['loss']
-
-  return _time(one_step, steps), flops
-
-
-def run_mpamatch(config, steps: int, what: list[str]) -> list[dict]:
-  from protoseg_jax.mpamatch import train as mpamatch_train  # pylint: disable=g-import-not-at-top
-
-  model, prompt_ids = mpamatch_train.build_model(config)
-  params, batch_stats = mpamatch_train.init_variables(config, model, prompt_ids, jax.random.key(config.seed))
-  size, num_classes = config.data.image_size, model.config.num_classes
-  window = config.data.train_window or size
-  rng = np.random.default_rng(0)
-  rows = []
-  if 'train' in what:
-    labelled, unlabelled = config.train.labelled_batch_size, config.train.unlabelled_batch_size
-    optimizer, schedules = mpamatch_train.make_optimizer(config.train, 1000)
-    state = mpamatch_train.create_train_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, batch_stats),
-                                              optimizer, num_classes, model.config.embed_dim)
-    train_step = mpamatch_train.make_train_step(model, config, prompt_ids, optimizer, schedules)
-    batch = {'x': rng.integers(0, 256, (labelled, window, window, 3), np.uint8),
-             'y': rng.integers(0, num_classes, (labelled, window, window), np.uint8)}
-    if config.loss.variant != 'supervised':
-      batch.update(u=rng.integers(0, 256, (unlabelled, window, window, 3), np.uint8),
-                   u_ignore=np.zeros((unlabelled, window, window), np.uint8))
-    else:
-      unlabelled = 0
-    batch = jax.tree.map(jnp.asarray, batch)
-    seconds, flops = _time_train_step(train_step, state, batch, steps)
-    rows.append({'step': f'train ({config.loss.variant})', 'batch': labelled + unlabelled, 'seconds': seconds,
-                 'flops': flops})
-  if 'inference' in what:
-    batch_size = config.eval.batch_size
-    probs_fn = mpamatch_train.make_window_probs_fn(model, config)
-    windows = jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8))
-    flops = _flops(probs_fn, params, batch_stats, windows)
-    seconds = _time(lambda: probs_fn(params, batch_stats, windows), steps)
-    rows.append({'step': 'inference (windows)', 'batch': batch_size, 'seconds': seconds, 'flops': flops})
-  return rows
+def workload_row(workload: Workload, peak: costs.PeakFlops, steps: int, compile_only: bool,
+                 profile_dir: Optional[str] = None) -> dict:
+  cost = costs.compiled_cost(workload.fn, *workload.abstract_args)
+  matmuls = costs.matmul_flops(workload.fn, *workload.abstract_args)
+  row = {'workload': workload.name, 'batch': workload.images, **cost.per_image(workload.images),
+         'matmul_gflop_per_image': matmuls.flops / workload.images / 1e9,
+         'f32_matmul_share': matmuls.f32_flops / matmuls.flops if matmuls.flops else math.nan,
+         'xla_gflop_per_step': cost.flops / 1e9, 'while_loops': cost.while_loops}
+  if not compile_only:
+    seconds, device_peak = _time(workload.fn, workload.make_args(), steps, workload.donate,
+                                 profile_dir if workload.donate else None)
+    row.update(seconds=seconds, images_per_s=workload.images / seconds, ms_per_step=1e3 * seconds,
+               mfu=costs.mfu(matmuls.flops, seconds, peak), device_peak_gib=device_peak)
+  return row
 
 
-def run(config, steps: int, what: list[str]) -> list[dict]:
-  if config.get('method', 'dualprotoseg') == 'mpamatch':
-    return _finish(run_mpamatch(config, steps, what))
-  model, tokenizer, prompt_ids = runtime.model_and_prompts(config)
-  params = builders.init_params(config, model, prompt_ids, tokenizer, jax.random.key(config.seed))
-  size, num_classes = config.data.image_size, model.config.num_classes
-  rng = np.random.default_rng(0)
-  rows = []
-  if 'train' in what:
-    batch_size = config.train.batch_size
-    optimizer, schedule = train.make_optimizer(config.train, 1000)
-    # The train step donates its state: give it its own copy so `params` stays valid for inference.
-    state = train.create_train_state(jax.tree.map(jnp.copy, params), optimizer)
-    train_step = train.make_train_step(model, config, prompt_ids, optimizer, schedule)
-    batch = {'images': jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8)),
-             'labels': jnp.asarray(rng.integers(0, 2, (batch_size, num_classes), np.int32))}
-    seconds, flops = _time_train_step(train_step, state, batch, steps)
-    rows.append({'step': 'train', 'batch': batch_size, 'seconds': seconds, 'flops': flops})
-  if 'inference' in what:
-    batch_size = config.eval.batch_size
-    bank_fn = train.make_bank_fn(model, prompt_ids)
-    mask_fn = jax.jit(train.make_mask_fn(model, config))
-    bank = bank_fn(params)
-    images = jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8))
-    labels = jnp.ones((batch_size, num_classes), jnp.int32)
-    flops = _flops(mask_fn, params, bank, images, labels)
-    seconds = _time(lambda: mask_fn(params, bank, images, labels), steps)
-    passes = len(config.eval.intensity_factors) * (2 if config.eval.hflip else 1)
-    rows.append({'step': f'inference ({passes} TTA passes)', 'batch': batch_size, 'seconds': seconds,
-                 'flops': flops})
-  return _finish(rows)
+def pipeline_row(method: Method, workdir: str, batches: int, step_seconds: Optional[float]) -> dict:
+  """The method's host input on its configured data: batches/s over `batches` batches after the first."""
+  data = method.train_data(workdir, 0, 1)
+  iterator = data.iterator(None)
+  next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  seconds = (time.perf_counter() - start) / batches
+  iterator.close()
+  cores = os.cpu_count() or 1
+  row = {'workload': 'input pipeline (host)', 'batch': data.images_per_step, 'seconds': seconds,
+         'images_per_s': data.images_per_step / seconds,
+         'images_per_s_per_core': data.images_per_step / seconds / cores, 'host_cores': cores}
+  if step_seconds:
+    row['input_wait_fraction'] = max(0.0, 1.0 - step_seconds / seconds)
+  return row
 
 
-def _finish(rows: list[dict]) -> list[dict]:
-  peak = _peak_memory_gib()
+def slides_row(method: Method, config, workdir: str, slide_px: int) -> dict:
+  """A synthetic slide through the slide path with the method's own (randomly initialised) model."""
+  from protoseg_jax import evaluation, sharding, slides  # pylint: disable=g-import-not-at-top
+
+  params, extra = jax.jit(method.random_variables)(jax.random.key(0))
+  mesh = sharding.make_mesh(config.mesh)
+  replicated = sharding.replicated(mesh)
+  param_shardings = jax.tree.map(lambda _: replicated, params)
+  extra_shardings = jax.tree.map(lambda _: replicated, extra)
+  evaluator = evaluation.Evaluator(method, config, mesh, param_shardings, extra_shardings, 'slides')
+  scores_call = evaluator.scores_call(params, extra, evaluator.statics(params, extra))
+  unknown = np.full((config.eval.batch_size, method.num_label_classes), -1, np.int32)
+  result = slides.bench_slide(lambda tiles: scores_call(tiles, unknown[:len(tiles)]), size_px=slide_px,
+                              level0_mpp=config.data.mpp / 2, model_mpp=config.data.mpp,
+                              tile_size=config.data.image_size, batch_size=config.eval.batch_size,
+                              config_slides=config.slides, workdir=os.path.join(workdir, 'slides_bench'),
+                              class_names=method.value_names, palette=method.palette,
+                              background_value=method.background_value)
+  return {'workload': f'slide {slide_px}² px (read + infer + write)', 'batch': config.eval.batch_size,
+          'images_per_s': result['tiles_per_s'], 'seconds_per_slide': result['seconds_per_slide'],
+          'input_wait_fraction': result['input_wait_fraction'], 'tiles': result['tiles'],
+          'peak_rss_mb': result['peak_rss_mb']}
+
+
+def run(config, what: Sequence[str], steps: int = 10, batch_size: Optional[int] = None,
+        compile_only: bool = False, peak_tflops: Optional[float] = None, workdir: Optional[str] = None,
+        profile_dir: Optional[str] = None, slide_px: int = 4096) -> list[dict]:
+  unknown = sorted(set(what) - set(WHAT))
+  if unknown:
+    raise ValueError(f'--what: unknown rows {unknown}; choose from {WHAT}')
+  method = registry.build(config)
+  peak = costs.peak_tflops(override=peak_tflops)
+  rows = [workload_row(workload, peak, steps, compile_only, profile_dir)
+          for workload in method.bench_workloads(what, batch_size or None)]
+  workdir = workdir or tempfile.mkdtemp(prefix='protoseg_bench_')
+  if 'pipeline' in what and not compile_only:
+    train_seconds = next((row.get('seconds') for row in rows if row['workload'].endswith('train') or
+                          ' train ' in row['workload'] + ' '), None)
+    rows.append(pipeline_row(method, workdir, max(steps, 4), train_seconds))
+  if 'slides' in what and not compile_only:
+    rows.append(slides_row(method, config, workdir, slide_px))
   for row in rows:
-    row['images_per_s'] = row['batch'] / row['seconds']
-    row['gflop_per_image'] = row['flops'] / row['batch'] / 1e9
-    row['tflop_per_s'] = row['flops'] / row['seconds'] / 1e12
-    row['peak_memory_gib'] = peak
+    row['peak_tflops'] = peak.tflops
   return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def _fmt(value, spec: str) -> str:
+  return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else '-'
+
+
+def format_table(rows: list[dict], peak: Optional[costs.PeakFlops] = None) -> str:
   device = jax.devices()[0]
-  lines = [f'device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), '
-           f'jax {jax.__version__}',
-           f'{"step":<28}{"batch":>6}{"img/s":>10}{"ms/step":>10}{"GFLOP/img":>11}{"TFLOP/s":>9}'
-           f'{"peak GiB":>10}']
+  peak = peak or costs.peak_tflops()
+  lines = [f'device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), jax '
+           f'{jax.__version__}; MFU against {_fmt(peak.tflops, ".0f")} TFLOP/s bf16 dense ({peak.source})',
+           f'{"workload":<44}{"batch":>6}{"img/s":>10}{"ms/step":>10}{"GFLOP/img":>11}{"matmul":>9}'
+           f'{"GB/img":>8}{"MFU":>7}{"peak GiB":>9}{"wait":>6}']
   for row in rows:
-    lines.append(f'{row["step"]:<28}{row["batch"]:>6}{row["images_per_s"]:>10.1f}'
-                 f'{1e3 * row["seconds"]:>10.1f}{row["gflop_per_image"]:>11.2f}{row["tflop_per_s"]:>9.2f}'
-                 f'{row["peak_memory_gib"]:>10.2f}')
+    lines.append(f'{row["workload"]:<44}{row["batch"]:>6}{_fmt(row.get("images_per_s"), "10.1f"):>10}'
+                 f'{_fmt(row.get("ms_per_step"), "10.1f"):>10}{_fmt(row.get("gflop_per_image"), "11.2f"):>11}'
+                 f'{_fmt(row.get("matmul_gflop_per_image"), "9.2f"):>9}'
+                 f'{_fmt(row.get("gb_accessed_per_image"), "8.3f"):>8}'
+                 f'{_fmt(100 * row["mfu"] if "mfu" in row else math.nan, "6.1f"):>7}'
+                 f'{_fmt(row.get("peak_gib"), "9.2f"):>9}'
+                 f'{_fmt(100 * row["input_wait_fraction"] if "input_wait_fraction" in row else math.nan, "5.0f"):>6}')
+  lines.append('GFLOP/img: XLA cost analysis; matmul: analytic dot/conv count; MFU on the matmul count; peak '
+               'GiB: compiled argument + output + temp - alias; wait: % of a step the device waits for input')
   return '\n'.join(lines)
 
 
 def main(argv):
   del argv
-  print(format_table(run(_CONFIG.value, _STEPS.value, _WHAT.value)))
+  rows = run(_CONFIG.value, _WHAT.value, _STEPS.value, _BATCH.value or None, _COMPILE_ONLY.value, _PEAK.value,
+             _WORKDIR.value, _PROFILE.value, _SLIDE_PX.value)
+  print(format_table(rows, costs.peak_tflops(override=_PEAK.value)))
+  if _JSON.value:
+    with open(_JSON.value, 'w') as handle:
+      json.dump({'device': jax.devices()[0].device_kind, 'jax': jax.__version__, 'rows': rows}, handle, indent=2)
 
 
 if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -1,72 +1,106 @@
-"""Masks for a folder of tiles: palette PNGs (the dataset's own palette) and colour overlays.
+"""Masks for images of any size (`--mode=predict`): palette PNGs in the dataset's palette and colour overlays.
 
-Label gating needs an image-level label: a tile whose file name carries one (`...[1101].png`) is gated by
-it, any other tile by "every class may be present".
+  python -m protoseg_jax.main --config=... --workdir=RUN --mode=predict --input=FOLDER|GLOB|FILE
+
+Each image goes through the method's `scores_fn('predict')` in tiles of `config.data.image_size`
+(sliding windows every `config.eval.stride` pixels, 0 = one tile apart, stitched by the mean), batched
+across images to `config.eval.batch_size` and split over the mesh; every process computes, the primary
+alone writes `<out>/masks/<stem>.png` and `<out>/overlays/<stem>.png`. Images are read on host threads
+ahead of the device. With `config.predict.prototype_map`, also `<out>/prototype_maps/<stem>.png` (the
+winning prototype of each pixel's predicted class, `protoseg_jax.explaining.write_prototype_maps`; images
+larger than a tile: the windows' maps pasted, no blending) and the legend.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
+import logging
 import os
+from typing import Callable, Iterator, Sequence
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from protoseg_jax import train
-from protoseg_jax.data import bcss
+from protoseg_jax import inference
+from protoseg_jax.data import images as images_lib
+from protoseg_jax.errors import DatasetError
 
-TILE_PATTERNS = ('*.png', '*.PNG', '*.jpg', '*.jpeg', '*.JPG', '*.tif', '*.tiff')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
 
-def list_tiles(input_dir: str) -> list[str]:
-  if not input_dir:
-    raise bcss.DatasetError('config.predict.input_dir is empty: point it at a folder of tiles')
-  if not os.path.isdir(input_dir):
-    raise bcss.DatasetError(f'predict input folder not found: {input_dir}')
-  paths = sorted({path for pattern in TILE_PATTERNS for path in glob.glob(os.path.join(input_dir, pattern))})
+def expand_inputs(spec: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+  """A file, a folder (its images, sorted) or a glob -> the image paths; `DatasetError` naming `spec`."""
+  if not spec:
+    raise DatasetError('no input: pass --input=FOLDER|GLOB|FILE (or set config.predict.input_dir)')
+  if os.path.isdir(spec):
+    paths = sorted(p for p in glob.glob(os.path.join(spec, '*')) if os.path.splitext(p)[1].lower() in extensions)
+    if not paths:
+      raise DatasetError(f'no images ({", ".join(e.lstrip(".") for e in extensions)}) in {spec}')
+    return paths
+  if os.path.isfile(spec):
+    return [spec]
+  paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
   if not paths:
-    raise bcss.DatasetError(f'no tiles (png/jpg/tif) in {input_dir}')
+    raise DatasetError(f'input not found: {spec} (no file, folder or glob match)')
   return paths
 
 
-def tile_label(path: str, num_classes: int) -> np.ndarray:
-  """The label in the file name if it has one, else all ones (no gating)."""
-  try:
-    return bcss.parse_label(os.path.basename(path), num_classes)
-  except bcss.DatasetError:
-    return np.ones((num_classes,), np.int32)
+def prefetched(load: Callable[[str], np.ndarray], paths: Sequence[str], threads: int,
+               depth: int = 8) -> Iterator[np.ndarray]:
+  """`load(path)` for every path, in order, computed `depth` ahead on `threads` host threads."""
+  with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
+    futures = [pool.submit(load, path) for path in paths[:depth]]
+    for index in range(len(paths)):
+      image = futures[index].result()
+      if index + depth < len(paths):
+        futures.append(pool.submit(load, paths[index + depth]))
+      futures[index] = None
+      yield image
 
 
-def predict_folder(config: ml_collections.ConfigDict, model, params: dict, prompt_ids: np.ndarray,
-                   input_dir: str, output_dir: str) -> int:
-  """Writes `masks/<stem>.png` (palette) and `overlays/<stem>.png` for every tile; returns the count."""
-  paths = list_tiles(input_dir)
-  num_classes = model.config.num_classes
-  palette = np.asarray(config.data.palette, np.uint8)
-  mask_fn = jax.jit(train.make_mask_fn(model, config))
-  bank = train.make_bank_fn(model, prompt_ids)(params)
-  os.makedirs(os.path.join(output_dir, 'masks'), exist_ok=True)
-  os.makedirs(os.path.join(output_dir, 'overlays'), exist_ok=True)
-  batch_size = config.eval.batch_size
-  for start in range(0, len(paths), batch_size):
-    chunk = paths[start:start + batch_size]
-    images = [bcss.read_image(path) for path in chunk]
-    for image, path in zip(images, chunk):
-      if image.shape[:2] != (config.data.image_size, config.data.image_size):
-        raise bcss.DatasetError(f'{path}: tile is {image.shape[1]}x{image.shape[0]}, expected '
-                                f'{config.data.image_size}x{config.data.image_size}')
-    labels = np.stack([tile_label(path, num_classes) for path in chunk])
-    padding = batch_size - len(chunk)  # fixed batch shape: one compilation for the whole folder
-    batch_images = np.stack(images + [images[0]] * padding)
-    batch_labels = np.concatenate([labels, np.repeat(labels[:1], padding, axis=0)])
-    masks = np.asarray(mask_fn(params, bank, jnp.asarray(batch_images), jnp.asarray(batch_labels)))
-    for path, image, mask in zip(chunk, images, masks[:len(chunk)]):
-      stem = os.path.splitext(os.path.basename(path))[0]
-      mask = mask.astype(np.uint8)
-      bcss.write_palette_png(os.path.join(output_dir, 'masks', stem + '.png'), mask, palette)
-      overlay = bcss.overlay(image, mask, palette, alpha=config.predict.overlay_alpha)
-      Image.fromarray(overlay).save(os.path.join(output_dir, 'overlays', stem + '.png'))
+def write_outputs(output_dir: str, stem: str, image: np.ndarray, mask: np.ndarray, palette: np.ndarray,
+                  alpha: float) -> None:
+  images_lib.write_palette_png(os.path.join(output_dir, 'masks', stem + '.png'), mask, palette)
+  Image.fromarray(images_lib.overlay(image, mask, palette, alpha=alpha)).save(
+      os.path.join(output_dir, 'overlays', stem + '.png'))
+
+
+def predict_paths(method, config, evaluator, params, extra, paths: Sequence[str], output_dir: str,
+                  write: bool = True) -> int:
+  """Writes a mask and an overlay per image (with `write`: the primary process); returns the count."""
+  palette = method.palette
+  if len(palette) != len(method.value_names):
+    raise DatasetError(f'config.data.palette has {len(palette)} colours for {len(method.value_names)} values '
+                       f'({", ".join(method.value_names)})')
+  if write:
+    os.makedirs(os.path.join(output_dir, 'masks'), exist_ok=True)
+    os.makedirs(os.path.join(output_dir, 'overlays'), exist_ok=True)
+  tile = config.data.image_size
+  stride = config.eval.get('stride', 0) or tile
+  labels = np.stack([method.image_labels(path) for path in paths])
+  statics = evaluator.statics(params, extra)
+  kept: dict[int, np.ndarray] = {}
+
+  def load(path: str) -> np.ndarray:
+    return images_lib.read_image(path)
+
+  def images() -> Iterator[np.ndarray]:
+    for index, image in enumerate(prefetched(load, paths, config.data.get('decode_threads', 4))):
+      kept[index] = image
+      yield image
+
+  scores_call = evaluator.scores_call(params, extra, statics)
+  for index, scores in inference.stitched_scores(scores_call, images(), labels, tile, stride,
+                                                 config.eval.batch_size):
+    image = kept.pop(index)
+    mask = np.argmax(scores, axis=-1).astype(np.uint8)
+    if write:
+      stem = os.path.splitext(os.path.basename(paths[index]))[0]
+      write_outputs(output_dir, stem, image, mask, palette, config.predict.overlay_alpha)
+  if config.predict.get('prototype_map', False):
+    from protoseg_jax import explaining  # pylint: disable=g-import-not-at-top
+    explaining.write_prototype_maps(method, config, evaluator, params, extra, paths, labels, output_dir,
+                                    write)
+  logging.info('predicted %d images', len(paths))
   return len(paths)

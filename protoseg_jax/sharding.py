@@ -5,7 +5,8 @@ One config runs on 1 GPU, an 8-chip TPU VM or a multi-host pod slice; only `conf
 * The mesh has three axes, `('data', 'fsdp', 'tensor')` (`config.mesh`, -1 = the devices that remain).
   The batch is split over `('data', 'fsdp')`; `fsdp` also splits parameters (ZeRO-3 style); `tensor`
   splits attention heads, MLP hidden units and convolution output channels (Megatron style).
-* Every parameter gets *logical* axis names from one table (`PARAM_AXES`, path pattern -> names), and
+* Every parameter gets *logical* axis names by path pattern (`TOWER_PARAM_AXES` for the shared towers plus
+  the method's `param_axes()`), and
   `config.sharding.logical_rules` maps logical names to mesh axes (MaxText / T5X style). Parameters stay
   plain dicts: the names live here, not in boxed parameters.
 * A dimension is only split if the mesh axes divide it; otherwise it is replicated (logged once per
@@ -39,15 +40,17 @@ BATCH_AXES = ('data', 'fsdp')
 AnyMesh = Mesh | AbstractMesh
 Rules = Sequence[tuple[str, Any]]
 
-# Logical names of every parameter, by path ('/'-joined) pattern; the first match wins and its entry must
-# have the parameter's rank. Layouts: Dense kernels `[in, out]`, Conv kernels `[kh, kw, in, out]`.
-# Names used: embed (transformer width), qkv (fused q|k|v output, 3*width), heads (attention output,
-# heads*head_dim), mlp (MLP hidden), vocab, position, joint (text embedding, CLIP space), feature
-# (prototype space F), prototypes, classes, context, conv_in / conv_out (conv channels), vector (1-D
-# scales and biases that stay replicated). `None` = a dimension never split.
-PARAM_AXES: tuple[tuple[str, tuple], ...] = (
-    # norms and layer scales anywhere (LayerNorm, GroupNorm: scale, bias; LayerScale: gamma)
+# Logical names of the shared towers' parameters (ViT trunk, text tower, prompt learner, norms anywhere), by
+# path ('/'-joined) pattern; each method adds its own table (`Method.param_axes()`), searched first. The
+# first match wins and its entry must have the parameter's rank. Layouts: Dense kernels `[in, out]`, Conv
+# kernels `[kh, kw, in, out]`. Names used: embed (transformer width), qkv (fused q|k|v output, 3*width),
+# heads (attention output, heads*head_dim), mlp (MLP hidden), vocab, position, joint (text embedding, CLIP
+# space), feature (prototype space F), prototypes, classes, context, conv_in / conv_out (conv channels),
+# vector (1-D scales and biases that stay replicated). `None` = a dimension never split.
+TOWER_PARAM_AXES: tuple[tuple[str, tuple], ...] = (
+    # norms and layer scales anywhere (LayerNorm, GroupNorm, BatchNorm: scale, bias; LayerScale: gamma)
     (r'(^|/)[^/]*(norm|ln_)[^/]*/(scale|bias)$', ('vector',)),
+    (r'(^|/)bn/(scale|bias)$', ('vector',)),
     (r'(^|/)ls\d+/gamma$', ('vector',)),
     # transformer blocks: ViT (timm names) and text tower (open_clip names)
     (r'(^|/)attn/(qkv|in_proj)/kernel$', ('embed', 'qkv')),
@@ -68,29 +71,14 @@ PARAM_AXES: tuple[tuple[str, tuple], ...] = (
     (r'(^|/)positional_embedding$', ('position', 'embed')),
     (r'(^|/)text_projection$', ('embed', 'joint')),
     (r'(^|/)prompt_learner/ctx$', ('classes', 'context', 'embed')),
-    # DualProtoSeg heads: refiner and pyramid convolutions, prototype space
-    (r'^(shared_decoder|feature_pyramid_\d+)/[^/]+/kernel$', (None, None, 'conv_in', 'conv_out')),
-    (r'^(shared_decoder|feature_pyramid_\d+)/[^/]+/bias$', ('conv_out',)),
-    (r'^text_proj/kernel$', ('joint', 'feature')),
-    (r'^text_proj/bias$', ('vector',)),
-    (r'^proto_projections_\d+/kernel$', ('feature', 'conv_out')),
-    (r'^learnable_image_prototypes$', ('prototypes', 'feature')),
-    (r'^logit_scale\d+$', ()),
-    # MPAMatch segmenter (protoseg_jax/mpamatch/model.py): BatchNorm, decoder / heads convolutions, adapter
-    (r'(^|/)bn/(scale|bias)$', ('vector',)),
-    (r'^(decoder|embed_head)/.+/kernel$', (None, None, 'conv_in', 'conv_out')),
-    (r'^embed_head/.+/bias$', ('conv_out',)),
-    (r'^seg_head/kernel$', (None, None, 'conv_in', 'classes')),
-    (r'^seg_head/bias$', ('classes',)),
-    (r'^text_adapter/kernel$', ('joint', None)),
-    (r'^text_adapter/bias$', ('vector',)),
 )
+AxesTable = Sequence[tuple[str, tuple]]
 
 
 def default_rules() -> tuple[tuple[str, Any], ...]:
-  """The rules table of `config_defaults` (`config.sharding.logical_rules`), for callers without a config."""
-  from protoseg_jax import config_defaults  # pylint: disable=g-import-not-at-top
-  return check_rules(config_defaults.dualprotoseg_config().sharding.logical_rules)
+  """The shared rules table (`config.sharding.logical_rules`), for callers without a config."""
+  from protoseg_jax import config_base  # pylint: disable=g-import-not-at-top
+  return check_rules(config_base.default_logical_rules())
 
 
 _ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar('protoseg_activation_sharding',
@@ -199,29 +187,23 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
   return PartitionSpec(*assigned), notes
 
 
-def _path_name(path) -> str:
-  parts = []
-  for key in path:
-    for attribute in ('key', 'name', 'idx'):
-      if hasattr(key, attribute):
-        parts.append(str(getattr(key, attribute)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
+def path_name(path) -> str:
+  """A pytree key path as 'a/b/0' (the form `TOWER_PARAM_AXES` patterns match)."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator='/')
 
 
-def param_logical_axes(params: Any) -> Any:
-  """Tree of parameters (arrays or ShapeDtypeStructs) -> same tree of logical-name tuples (`PARAM_AXES`).
+def param_logical_axes(params: Any, method_axes: AxesTable = ()) -> Any:
+  """Tree of parameters (arrays or ShapeDtypeStructs) -> same tree of logical-name tuples.
 
-  Raises ValueError naming every parameter no pattern classifies, or whose rank differs from its pattern,
-  so a new parameter cannot silently stay unsharded.
+  Patterns: `method_axes` (the method's `param_axes()`) first, then `TOWER_PARAM_AXES`. Raises ValueError
+  naming every parameter no pattern classifies, or whose rank differs from its pattern, so a new parameter
+  cannot silently stay unsharded.
   """
-  compiled = [(re.compile(pattern), axes) for pattern, axes in PARAM_AXES]
+  compiled = [(re.compile(pattern), axes) for pattern, axes in tuple(method_axes) + TOWER_PARAM_AXES]
   problems = []
 
   def classify(path, leaf):
-    name = _path_name(path)
+    name = path_name(path)
     for pattern, axes in compiled:
       if pattern.search(name):
         if len(axes) != np.ndim(leaf):
@@ -233,65 +215,73 @@ def param_logical_axes(params: Any) -> Any:
 
   axes = jax.tree_util.tree_map_with_path(classify, params)
   if problems:
-    raise ValueError('parameters without logical axis names (add them to protoseg_jax.sharding.PARAM_AXES): '
+    raise ValueError('parameters without logical axis names (add them to the method\'s param_axes()): '
                      + '; '.join(problems))
   return axes
 
 
-def param_shardings(params: Any, mesh: AnyMesh, rules: Rules, log: bool = True) -> Any:
+def param_shardings(params: Any, mesh: AnyMesh, rules: Rules, method_axes: AxesTable = (),
+                    log: bool = True) -> Any:
   """Tree of parameters -> same tree of `NamedSharding` (logical axes resolved by `rules` on `mesh`)."""
   rules = check_rules(rules)
-  logical = param_logical_axes(params)
+  logical = param_logical_axes(params, method_axes)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   logical_leaves = treedef.flatten_up_to(logical)
   shardings = []
   for (path, leaf), axes in zip(flat, logical_leaves):
     spec, notes = logical_to_spec(axes, np.shape(leaf), mesh, rules)
     if notes and log:
-      logging.info('sharding %s: %s', _path_name(path), '; '.join(notes))
+      logging.info('sharding %s: %s', path_name(path), '; '.join(notes))
     shardings.append(NamedSharding(mesh, spec))
   return jax.tree_util.tree_unflatten(treedef, shardings)
 
 
-def train_state_shardings(abstract_state: Any, mesh: AnyMesh, rules: Rules) -> Any:
+def logical_shardings(logical: Any, abstract: Any, mesh: AnyMesh, rules: Rules) -> Any:
+  """A tree of logical-name tuples (one per leaf of `abstract`) -> the tree of `NamedSharding`s."""
+  rules = check_rules(rules)
+  flat, treedef = jax.tree_util.tree_flatten(abstract)
+  logical_leaves = treedef.flatten_up_to(logical)
+  return jax.tree_util.tree_unflatten(treedef, [
+      NamedSharding(mesh, logical_to_spec(axes, np.shape(leaf), mesh, rules)[0])
+      for leaf, axes in zip(flat, logical_leaves)])
+
+
+def train_state_shardings(abstract_state: Any, optimizer: Any, mesh: AnyMesh, rules: Rules,
+                          method_axes: AxesTable = (), extra_logical: Any = None) -> Any:
   """`TrainState` (arrays or `jax.eval_shape` structs) -> the same `TrainState` of `NamedSharding`s.
 
-  Parameters follow the rules; optimizer moments follow their parameters; step and counts are replicated.
-  The state must have `step`, `trainable`, `frozen` (dicts keyed by top-level module) and `opt_state`.
+  Parameters follow the rules; optimizer moments follow their parameters (`optimizer_state_shardings`);
+  the extra state follows `extra_logical` (default: replicated); step and counters are replicated.
   """
   params = {**abstract_state.frozen, **abstract_state.trainable}
-  shardings = param_shardings(params, mesh, rules)
+  shardings = param_shardings(params, mesh, rules, method_axes)
   trainable = {key: shardings[key] for key in abstract_state.trainable}
   frozen = {key: shardings[key] for key in abstract_state.frozen}
-  return dataclasses.replace(abstract_state, step=replicated(mesh), trainable=trainable, frozen=frozen,
-                             opt_state=optimizer_state_shardings(abstract_state.opt_state,
-                                                                 abstract_state.trainable, trainable, mesh))
+  if extra_logical is None:
+    extra = jax.tree.map(lambda _: replicated(mesh), abstract_state.extra)
+  else:
+    extra = logical_shardings(extra_logical, abstract_state.extra, mesh, rules)
+  return abstract_state.replace(
+      step=replicated(mesh), trainable=trainable, frozen=frozen, extra=extra,
+      nonfinite_step=replicated(mesh),
+      opt_state=optimizer_state_shardings(optimizer, abstract_state.opt_state, trainable, mesh))
 
 
-def optimizer_state_shardings(opt_state: Any, params: Any, shardings: Any, mesh: AnyMesh) -> Any:
-  """Shardings for any optax state by path: a leaf whose trailing dict keys spell a parameter's path and
-  whose shape is that parameter's follows its sharding (Adam moments, also inside `multi_transform` or
-  masked states, where the moment trees do not mirror the whole parameter tree); the rest is replicated."""
-  flat_params, treedef = jax.tree_util.tree_flatten_with_path(params)
-  flat_shardings = treedef.flatten_up_to(shardings)
-  by_path = {tuple(_path_name([key]) for key in path): (np.shape(leaf), leaf_sharding)
-             for (path, leaf), leaf_sharding in zip(flat_params, flat_shardings)}
+def optimizer_state_shardings(optimizer: Any, opt_state: Any, param_shardings_tree: Any, mesh: AnyMesh) -> Any:
+  """Shardings of an optax state: every copy of the parameter tree inside it (Adam moments, also inside
+  `multi_transform` / masked states) follows the parameters' shardings, the rest (counts) is replicated.
 
-  def assign(path, leaf):
-    keys = []
-    for key in reversed(path):
-      if not isinstance(key, jax.tree_util.DictKey):
-        break
-      keys.append(str(key.key))
-    match = by_path.get(tuple(reversed(keys)))
-    if match is not None and match[0] == np.shape(leaf):
-      return match[1]
-    if np.ndim(leaf) > 0:
-      logging.warning('optimizer state leaf %s of shape %s matches no parameter: replicated', _path_name(path),
-                      np.shape(leaf))
-    return replicated(mesh)
+  Uses `optax.tree_utils.tree_map_params`, which needs the optimizer's masks and labels as trees (not
+  callables). Leaves a mask leaves out (`optax.MaskedNode`) stay as they are.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
 
-  return jax.tree_util.tree_map_with_path(assign, opt_state)
+  def follow(leaf, leaf_sharding):
+    return leaf if isinstance(leaf, optax.MaskedNode) else leaf_sharding
+
+  return optax.tree_utils.tree_map_params(
+      optimizer, follow, opt_state, param_shardings_tree,
+      transform_non_params=lambda _: replicated(mesh), is_leaf=lambda v: isinstance(v, optax.MaskedNode))
 
 
 # --- batches ---------------------------------------------------------------------------------------------
@@ -329,20 +319,46 @@ def process_batch_rows(global_batch: int, mesh: Mesh) -> slice:
 
 
 def shard_host_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                     global_batch: Optional[int] = None) -> dict:
+                     global_batch: Optional[int] = None, *, host_rows: bool = False) -> dict:
   """Host arrays -> global `jax.Array`s with the batch dimension split over `('data', 'fsdp')`.
 
-  `host_batch` holds either this process's rows (`process_batch_rows`; then pass `global_batch`) or the
-  whole batch, identical on every process (`global_batch` None or equal to its length).
+  `host_batch` holds either this process's rows (`process_batch_rows`; then pass `global_batch`, or
+  `host_rows=True` for global rows = local rows x process count, per key) or the whole batch, identical on
+  every process (`global_batch` None or equal to its length).
   """
   sharding = batch_sharding(mesh)
   result = {}
   for key, value in host_batch.items():
     value = np.asarray(value)
-    rows = value.shape[0] if global_batch is None else global_batch
+    if host_rows:
+      rows = value.shape[0] * jax.process_count()
+    else:
+      rows = value.shape[0] if global_batch is None else global_batch
     check_global_batch(rows, mesh)
     result[key] = jax.make_array_from_process_local_data(sharding, value, (rows,) + value.shape[1:])
   return result
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order, as NumPy (the whole array on one host)."""
+  if array.is_fully_addressable:
+    return np.asarray(jax.device_get(array))
+  shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+  seen, parts = set(), []
+  for shard in shards:
+    start = shard.index[0].start or 0
+    if start not in seen:  # replicas along other mesh axes hold the same rows
+      seen.add(start)
+      parts.append(np.asarray(shard.data))
+  return np.concatenate(parts)
+
+
+def sum_across_processes(value: np.ndarray) -> np.ndarray:
+  """Sum of a host array over all processes (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.asarray(value))).sum(axis=0)
 
 
 def place_tree(tree: Any, shardings: Any) -> Any:
@@ -517,15 +533,15 @@ def describe(state: Any, shardings: Any, mesh: AnyMesh) -> str:
   return '\n'.join(lines)
 
 
-def memory_table(abstract_state: Any, meshes: Sequence[Sequence[int]], rules: Rules) -> str:
+def memory_table(abstract_state: Any, shardings_for: Callable[[AnyMesh], Any], meshes: Sequence[Sequence[int]]) -> str:
   """Per-device bytes of params and optimizer state of `abstract_state` under each `(data, fsdp, tensor)`
-  mesh shape, by shard-shape arithmetic on device-free meshes (nothing is allocated)."""
+  mesh shape (`shardings_for(mesh)` -> the state's shardings), by shard-shape arithmetic on device-free
+  meshes (nothing is allocated)."""
   header = (f'{"mesh (data,fsdp,tensor)":<26}{"trainable":>14}{"frozen":>14}{"optimizer":>14}'
             f'{"total / device":>16}')
   lines = [header, '-' * len(header)]
   for sizes in meshes:
-    mesh = abstract_mesh(sizes)
-    shardings = train_state_shardings(abstract_state, mesh, rules)
+    shardings = shardings_for(abstract_mesh(sizes))
     values = [per_device_bytes(getattr(abstract_state, field), getattr(shardings, field))
               for field in ('trainable', 'frozen', 'opt_state')]
     lines.append(f'{str(tuple(sizes)):<26}' + ''.join(f'{_megabytes(v):>14}' for v in values)
@@ -535,27 +551,21 @@ def memory_table(abstract_state: Any, meshes: Sequence[Sequence[int]], rules: Ru
 
 def _main(argv: Sequence[str]) -> None:
   del argv
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from protoseg_jax import builders, train  # local: this module is imported by the models
+  # Local imports: this module is imported by the models.
+  from protoseg_jax import registry, train_state  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
-  model = builders.build_model(config)
-  size = config.data.image_size
-  num_prompts = len(config.data.class_names) * config.model.prompts_per_class
-  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  prompt_ids = jax.ShapeDtypeStruct((num_prompts, config.model.text.context_length), jnp.int32)
-  params = jax.eval_shape(lambda i, p: model.init({'params': jax.random.key(0),
-                                                   'dropout': jax.random.key(1)}, i, p)['params'],
-                          images, prompt_ids)
-  optimizer, _ = train.make_optimizer(config.train, total_steps=1)
-  abstract_state = jax.eval_shape(lambda p: train.create_train_state(p, optimizer), params)
+  method = registry.build(config)
+  trainable, _ = method.split_params(method.abstract_variables(jax.random.key(0))[0])
+  optimizer, _ = method.optimizer(trainable, 1)
+  abstract_state = train_state.abstract_train_state(method, optimizer)
+  rules = config.sharding.logical_rules
+  shardings_for = lambda mesh: train_state.state_shardings(abstract_state, optimizer, method, mesh, rules)
   meshes = [tuple(int(n) for n in text.split('x')) for text in _MESHES.value]
-  print(memory_table(abstract_state, meshes, config.sharding.logical_rules))
+  print(memory_table(abstract_state, shardings_for, meshes))
   print()
   mesh = abstract_mesh(meshes[-1])
-  print(describe(abstract_state, train_state_shardings(abstract_state, mesh, config.sharding.logical_rules),
-                 mesh))
+  print(describe(abstract_state, shardings_for(mesh), mesh))
 
 
 if __name__ == '__main__':

@@ -10,6 +10,8 @@ import os
 
 import ml_collections
 
+from protoseg_jax.errors import ConfigError, UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class ByteTokenizer:
@@ -37,12 +39,12 @@ class JsonTokenizer:
     from tokenizers import Tokenizer  # shipped with transformers
 
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'tokenizer file not found: {path}')
+      raise UserError(f'tokenizer file not found: {path} (config.tokenizer.path)')
     self._tokenizer = Tokenizer.from_file(path)
     self.lowercase = lowercase
     ids = [self._tokenizer.token_to_id(token) for token in (bos_token, eos_token)]
     if None in ids:
-      raise ValueError(f'{path}: special tokens {bos_token!r}/{eos_token!r} are not in the vocabulary')
+      raise UserError(f'{path}: special tokens {bos_token!r}/{eos_token!r} are not in the vocabulary')
     self.bos_id, self.eos_id = ids
     self.vocab_size = self._tokenizer.get_vocab_size()
 
@@ -57,4 +59,13 @@ def build_tokenizer(config: ml_collections.ConfigDict):
     return ByteTokenizer()
   if config.kind == 'json':
     return JsonTokenizer(config.path, config.bos_token, config.eos_token, config.get('lowercase', False))
-  raise ValueError(f"config.tokenizer.kind must be 'bytes' or 'json', got {config.kind!r}")
+  raise ConfigError(f"config.tokenizer.kind must be 'bytes' or 'json', got {config.kind!r}")
+
+
+def for_backbone(tokenizer_config: ml_collections.ConfigDict, backbone: ml_collections.ConfigDict):
+  """`build_tokenizer`, where a transformers CLIPModel folder (`backbone.source='hf_clip'`) carries its own
+  `tokenizer.json`, used unless `tokenizer_config.path` names another file."""
+  if tokenizer_config.kind == 'json' and not tokenizer_config.path and backbone.get('source') == 'hf_clip':
+    tokenizer_config = ml_collections.ConfigDict({**tokenizer_config.to_dict(),
+                                                  'path': os.path.join(backbone.path, 'tokenizer.json')})
+  return build_tokenizer(tokenizer_config)

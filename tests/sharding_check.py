@@ -21,8 +21,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tiny_config  # noqa: E402
-from protoseg_jax import builders, runtime, sharding, train  # noqa: E402
-from protoseg_jax.data import pipeline  # noqa: E402
+from protoseg_jax import evaluation, sharding, train_state  # noqa: E402
+from protoseg_jax.method import EvalSet  # noqa: E402
+from protoseg_jax.methods.dualprotoseg.method import DualProtoSegMethod  # noqa: E402
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 1, 4), (1, 8, 1))
 EVAL_MESHES = ((8, 1, 1), (1, 8, 1), (2, 1, 4))
@@ -77,17 +78,20 @@ def main():
   assert jax.device_count() == 8, jax.devices()
   config = sharding_config()
   rules = config.sharding.logical_rules
-  model, tokenizer, prompt_ids = runtime.model_and_prompts(config)
-  params = jax.device_get(builders.init_params(config, model, prompt_ids, tokenizer, jax.random.key(0)))
-  optimizer, schedule = train.make_optimizer(config.train, total_steps=100)
+  method = DualProtoSegMethod(config)
+  params, extra = jax.device_get(method.init_variables(jax.random.key(0)))
+  initial_trainable = method.split_params(params)[0]
+  optimizer, schedules = method.optimizer(initial_trainable, 100)
   rng = np.random.default_rng(0)
   batches = [{'images': rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
-              'labels': rng.integers(0, 2, (8, 4)).astype(np.int32)} for _ in range(STEPS)]
+              'labels': rng.integers(0, 2, (8, 4)).astype(np.int32), 'valid': np.ones(8, bool)}
+             for _ in range(STEPS)]
   step_key = jax.random.key(1)
 
-  # 1-device reference.
-  reference_step = train.make_train_step(model, config, prompt_ids, optimizer, schedule)
-  state = train.create_train_state(jax.device_put(params, jax.devices()[0]), optimizer)
+  # 1-device reference: the method's step, plainly jitted on one device.
+  reference_step = jax.jit(method.train_step_fn(optimizer, schedules))
+  state = train_state.create_train_state(jax.device_put(params, jax.devices()[0]),
+                                         jax.device_put(extra, jax.devices()[0]), optimizer, method)
   reference_losses = []
   for batch in batches:
     state, metrics = reference_step(state, jax.device_put(batch, jax.devices()[0]), step_key)
@@ -99,17 +103,17 @@ def main():
   for sizes in MESHES:
     start = time.perf_counter()
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
-    state, shardings = train.create_sharded_train_state(params, optimizer, mesh, rules)
-    step = train.make_sharded_train_step(model, config, prompt_ids, optimizer, schedule, mesh, shardings)
+    state, shardings = train_state.create_sharded_train_state(params, extra, optimizer, method, mesh, rules)
+    step = train_state.jit_train_step(method, optimizer, schedules, mesh, shardings, rules)
     losses = []
-    first_batch = sharding.shard_host_batch(batches[0], mesh)
+    first_batch = sharding.shard_host_batch(batches[0], mesh, host_rows=True)
     compiled = step.lower(state, first_batch, step_key).compile()  # compiled once, used for the steps
     for batch in batches:
-      state, metrics = compiled(state, sharding.shard_host_batch(batch, mesh), step_key)
+      state, metrics = compiled(state, sharding.shard_host_batch(batch, mesh, host_rows=True), step_key)
       losses.append(float(metrics['loss']))
     trainable = jax.device_get(state.trainable)
     updated = max(float(np.max(np.abs(a - b))) for a, b in
-                  zip(jax.tree.leaves(trainable), jax.tree.leaves(builders.split_params(params)[0])))
+                  zip(jax.tree.leaves(trainable), jax.tree.leaves(initial_trainable)))
     excess = max(float(np.max(np.abs(a - b) - RTOL * np.abs(b))) for a, b in
                  zip(jax.tree.leaves(trainable), jax.tree.leaves(reference_trainable)))
     param_diff = max(float(np.max(np.abs(a - b))) for a, b in
@@ -142,21 +146,23 @@ def main():
 
   # Evaluation: 13 tiles -> two batches of 8, the second padded; same confusion matrix on any mesh.
   count, size = 13, config.data.image_size
-  eval_set = pipeline.EvalSet(images=rng.integers(0, 256, (count, size, size, 3), np.uint8),
-                              masks=rng.integers(0, 5, (count, size, size)).astype(np.uint8),
-                              labels=rng.integers(0, 2, (count, 4)).astype(np.int32),
-                              names=[f'tile{i}.png' for i in range(count)])
-  eval_params = jax.device_put(params, jax.devices()[0])
-  bank_fn, confusion_fn = train.make_eval_fns(model, config, prompt_ids)
-  single = train.evaluate(eval_params, eval_set, bank_fn, confusion_fn, config)
+  eval_set = EvalSet(names=[f'tile{i}.png' for i in range(count)],
+                     images=list(rng.integers(0, 256, (count, size, size, 3), np.uint8)),
+                     masks=list(rng.integers(0, 5, (count, size, size)).astype(np.uint8)),
+                     labels=rng.integers(0, 2, (count, 4)).astype(np.int32), num_examples=count)
+
+  def evaluate(mesh):
+    shardings = sharding.param_shardings(params, mesh, rules, method.param_axes())
+    extra_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), extra)
+    evaluator = evaluation.Evaluator(method, config, mesh, shardings, extra_shardings)
+    placed, placed_extra = sharding.place_tree(params, shardings), sharding.place_tree(extra, extra_shardings)
+    return evaluator.evaluate(placed, placed_extra, eval_set)
+
+  single = evaluate(sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]))
   results['eval'] = {'single': single['confusion_matrix'], 'single_mIoU': single['mIoU']}
   start = time.perf_counter()
   for sizes in EVAL_MESHES:
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
-    shardings = sharding.param_shardings(params, mesh, rules)
-    placed = sharding.place_tree(params, shardings)
-    bank_fn, confusion_fn = train.make_eval_fns(model, config, prompt_ids, mesh, shardings)
-    sharded = train.evaluate(placed, eval_set, bank_fn, confusion_fn, config)
+    sharded = evaluate(sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes))))
     results['eval'][str(sizes)] = {'confusion': sharded['confusion_matrix'], 'mIoU': sharded['mIoU'],
                                    'metrics_equal': {k: v for k, v in sharded.items()
                                                      if k != 'confusion_matrix'} ==

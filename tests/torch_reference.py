@@ -1,8 +1,10 @@
 """Independent PyTorch re-implementations used as referees in tests (torch is a test-only dependency).
 
 Structured and named as the authors' PyTorch code (`ClsNetwork` with `shared_decoder`, `feature_pyramid`,
-`proto_projections`, ...; the CONCH/open_clip text tower), written from the method description, so that a
-state dict exported by `protoseg_jax.export` must load into it with `strict=True`.
+`proto_projections`, ...; the CONCH/open_clip text tower), written from the method description and the
+structure of the authors' `src/model.py` / `src/conch_adapter.py`, so that a state dict exported by
+`protoseg_jax.methods.dualprotoseg.export` must load into it with `strict=True`: it registers what the
+reference registers (the CONCH model a second time under the prompt learner, the text-prototype buffers).
 """
 
 import torch
@@ -48,8 +50,10 @@ class OpenClipText(torch.nn.Module):
     if cls_emb:
       self.cls_emb = torch.nn.Parameter(torch.randn(width) * 0.01)
 
-  def forward(self, ids):
-    x = self.token_embedding(ids) + self.positional_embedding[:ids.shape[1]]
+  def forward(self, ids, token_weight=None):
+    """`token_weight`: a replacement token table (the reference prompt learner's spliced one)."""
+    weight = self.token_embedding.weight if token_weight is None else token_weight
+    x = F.embedding(ids, weight) + self.positional_embedding[:ids.shape[1]]
     x = x.permute(1, 0, 2)
     for block in self.transformer.resblocks:
       x = block(x)
@@ -92,7 +96,14 @@ class MultiscaleFeaturePyramid(torch.nn.Module):
 
 
 class ClsNetwork(torch.nn.Module):
-  """The DualProtoSeg network; `trunk` is a timm ViT, `text` an `OpenClipText` with the extended vocabulary."""
+  """The DualProtoSeg network; `trunk` is a timm ViT, `text` an `OpenClipText` with the extended vocabulary.
+
+  As the reference: `ConchPromptLearner` keeps the CONCH model as `self.model_conch` (registered a second
+  time, `clip_adapter.prompt_learner.model_conch.*`, the same modules as `clip_adapter.model.*`), and
+  `ClsNetwork` registers the buffers `prototypes` `[C*M, E]` / `class_prototypes` `[C, E]` (its
+  construction-time `clip_adapter.encode_text(normalize=True)`; here zeros of those shapes, filled by
+  `load_state_dict`).
+  """
 
   def __init__(self, trunk, text, taps, num_classes, prompts_per_class, n_ctx, feature_dim, refiner_width,
                refiner_blocks, groups, pyramid_channels, target_sizes, visual_proj_dim=512):
@@ -105,7 +116,12 @@ class ClsNetwork(torch.nn.Module):
     self.clip_adapter.model.visual.trunk = trunk
     self.clip_adapter.model.text = text
     self.clip_adapter.prompt_learner = torch.nn.Module()
+    self.clip_adapter.prompt_learner.model_conch = self.clip_adapter.model
     self.clip_adapter.prompt_learner.ctx = torch.nn.Parameter(torch.zeros(num_classes, n_ctx, text_width))
+    self.num_classes, self.n_ctx = num_classes, n_ctx
+    embed_dim = text.text_projection.shape[1]
+    self.register_buffer('prototypes', torch.zeros(num_classes * prompts_per_class, embed_dim))
+    self.register_buffer('class_prototypes', torch.zeros(num_classes, embed_dim))
     self.clip_adapter.visual_proj = torch.nn.Linear(vit_width, visual_proj_dim)
     self.text_proj = torch.nn.Linear(text.text_projection.shape[1], feature_dim)
     self.learnable_image_prototypes = torch.nn.Parameter(torch.zeros(num_classes * prompts_per_class,
@@ -118,6 +134,18 @@ class ClsNetwork(torch.nn.Module):
     self.feature_pyramid = MultiscaleFeaturePyramid(feature_dim, target_sizes, pyramid_channels, groups)
     self.proto_projections = torch.nn.ModuleList([torch.nn.Linear(feature_dim, c, bias=False)
                                                   for c in pyramid_channels])
+
+  def encode_text(self, prompt_ids, ctx=None):
+    """The reference's `ConchAdapter.encode_text(normalize=True)`: the token table with the class contexts
+    `ctx` `[C, n_ctx, D]` (default: the learned `prompt_learner.ctx`) in the appended rows, the text tower on
+    the soft-prompt ids -> (unit features `[C*M, E]`, unit per-class means of them `[C, E]`)."""
+    ctx = self.clip_adapter.prompt_learner.ctx if ctx is None else torch.as_tensor(ctx)
+    text = self.clip_adapter.model.text
+    start = text.token_embedding.num_embeddings - self.num_classes * self.n_ctx
+    weight = torch.cat([text.token_embedding.weight[:start], ctx.reshape(-1, ctx.shape[-1])], dim=0)
+    features = F.normalize(text(prompt_ids, weight), dim=-1)
+    class_features = features.reshape(self.num_classes, -1, features.shape[-1]).mean(dim=1)
+    return features, F.normalize(class_features, dim=-1)
 
   def prototype_bank(self, prompt_ids):
     text_features = F.normalize(self.clip_adapter.model.text(prompt_ids), dim=-1)

@@ -107,3 +107,18 @@ def load_towers(backbone: ml_collections.ConfigDict, vit: VitConfig, text: TextC
 def as_float32(tree: dict) -> dict:
   return {name: as_float32(value) if isinstance(value, dict) else np.asarray(value, np.float32)
           for name, value in tree.items()}
+
+
+def check_same_structure(name: str, expected: dict, loaded: dict) -> None:
+  """The converters build exactly the module's tree; this guards the two against drifting apart."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def shapes(tree):
+    return {jax.tree_util.keystr(path, simple=True, separator='/'): np.shape(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  want, got = shapes(expected), shapes(loaded)
+  for key in sorted(set(want) | set(got)):
+    if want.get(key) != got.get(key):
+      raise ValueError(f'imported {name}: parameter {key} is {got.get(key)} in the checkpoint, '
+                       f'{want.get(key)} in the model (config.backbone)')

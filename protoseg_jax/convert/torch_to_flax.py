@@ -12,6 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
+from protoseg_jax.models.pos_embed import resample_pos_embed
 from protoseg_jax.models.text import TextConfig
 from protoseg_jax.models.vit import VitConfig
 
@@ -47,7 +48,8 @@ class _Reader:
 
 
 def _pos_embed(reader: _Reader, key: str, num_prefix: int, config: VitConfig, squeeze: bool = False):
-  """The position table `[1, prefix + G*G, D]`, bilinearly resized when the file's grid G differs."""
+  """The position table `[1, prefix + G*G, D]`; resized when the file's grid G differs from the config's,
+  with `config.pos_embed_resample` (the method the forward uses, default timm's anti-aliased bicubic)."""
   if key not in reader.arrays:
     raise ValueError(f'{reader.source}: key {key!r} is missing')
   table = np.asarray(reader.arrays[key], np.float32)
@@ -60,11 +62,11 @@ def _pos_embed(reader: _Reader, key: str, num_prefix: int, config: VitConfig, sq
   reader.used.add(key)
   if side == config.pos_embed_grid:
     return table
-  from protoseg_jax.models.vit import resize_pos_embed  # jax: only needed for a resize
-  logging.info('%s: resizing position embeddings %dx%d -> %dx%d (config.model.vit.pos_embed_grid)',
-               reader.source, side, side, config.pos_embed_grid, config.pos_embed_grid)
+  logging.info('%s: resizing position embeddings %dx%d -> %dx%d (%s; config.model.vit.pos_embed_grid)',
+               reader.source, side, side, config.pos_embed_grid, config.pos_embed_grid,
+               config.pos_embed_resample)
   grid = (config.pos_embed_grid, config.pos_embed_grid)
-  return np.asarray(resize_pos_embed(table, num_prefix, grid), np.float32)
+  return np.asarray(resample_pos_embed(table, num_prefix, grid, config.pos_embed_resample), np.float32)
 
 
 def _linear(reader: _Reader, key: str, in_features: int, out_features: int, bias: bool = True) -> dict:

@@ -15,10 +15,10 @@ import os
 import time
 from typing import Optional
 
+import ml_collections
 from absl import app, flags
 
-from protoseg_jax import config_defaults
-from protoseg_jax.data import convert, pipeline, records, synthetic
+from protoseg_jax.data import bcss, convert, grain_pipeline, input_pipeline, records, synthetic, tile_sets
 
 _FOLDER = flags.DEFINE_string('folder', None, 'BCSS-WSSS folder (written there with --synthetic_train > 0).')
 _RECORDS = flags.DEFINE_string('records', None, 'Converted records (default <folder>_records; converted '
@@ -52,11 +52,27 @@ def _cpu_seconds(include_children: bool) -> Optional[float]:
   return total
 
 
-def time_pipeline(data_config, root: str, batch_size: int, batches: int,
+def data_config(image_size: int) -> ml_collections.ConfigDict:
+  """A BCSS-WSSS tile-set data block (the keys `tile_sets` and `grain_pipeline.HostAugment` read)."""
+  return ml_collections.ConfigDict(dict(
+      kind='folder', root='', class_names=bcss.CLASS_NAMES, background_name=bcss.BACKGROUND_NAME,
+      image_size=image_size, mean=(0.66791496, 0.47791372, 0.70623304), std=(0.1736589, 0.22564577, 0.19820057),
+      channel_order='rgb', decode_threads=1, cache_in_memory=False, augment_on='device',
+      synthetic=dict(num_train=0, num_val=0, num_test=0, seed=0, format='folder'),
+      augment=dict(hflip=True, vflip=True, rot90=True, rot90_prob=0.5),
+      grain=dict(read_threads=1, prefetch_buffer_size=2, worker_count=0, worker_buffer_size=2)))
+
+
+def time_pipeline(config: ml_collections.ConfigDict, root: str, batch_size: int, batches: int,
                   workers: int) -> tuple[float, Optional[float]]:
-  """-> (images per wall second, images per CPU second) over `batches` batches after one warm-up batch."""
-  source = pipeline.make_train_source(data_config, root, batch_size, seed=0)
-  iterator = source.iterator()
+  """-> (images per wall second, images per CPU second) over `batches` batches after one warm-up batch,
+  through the training input of every tile method: `tile_sets.train_source` + `input_pipeline`."""
+  source, decode, _ = tile_sets.train_source(config, root)
+  host_transform = grain_pipeline.HostAugment.from_config(config) if config.augment_on == 'host' else None
+  build = lambda start: input_pipeline.element_batches(
+      source, decode, seed=0, global_batch=batch_size, last_batch='drop', process_index=0, process_count=1,
+      options=config.grain, start_step=start, host_transform=host_transform)
+  iterator = input_pipeline.TrainIterator(build, workers)
   try:
     next(iterator)
     wall, cpu = time.perf_counter(), _cpu_seconds(workers > 0)
@@ -83,8 +99,7 @@ def main(argv):
   records_root = _RECORDS.value or folder.rstrip('/') + '_records'
   if not records.is_records_dir(records_root):
     convert.convert_dataset(folder, records_root, splits=('train',))
-  base = config_defaults.dualprotoseg_config().data
-  base.image_size = _IMAGE_SIZE.value
+  base = data_config(_IMAGE_SIZE.value)
   batches = _BATCHES.value
   needed = (batches + 1) * _BATCH_SIZE.value
   rows = []
@@ -95,7 +110,7 @@ def main(argv):
     for name, kind, threads, workers in runs:
       config = base.copy_and_resolve_references()
       config.kind, config.augment_on = kind, augment_on
-      config.decode_threads, config.prefetch_batches = threads, 2
+      config.decode_threads = threads
       config.grain.update(read_threads=threads, prefetch_buffer_size=max(2 * threads, 2),
                           worker_count=workers)
       root = records_root if kind == 'records' else folder

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from protoseg_jax.config_defaults import BCSS_CLASS_NAMES
+from protoseg_jax.data.bcss import CLASS_NAMES as BCSS_CLASS_NAMES
 from protoseg_jax.data import bcss, records
 
 SPLITS = ('train', 'val', 'test')

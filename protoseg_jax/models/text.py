@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from protoseg_jax import sharding
 from protoseg_jax.models import layers
+from protoseg_jax.models.attention import SelfAttention
 
 Dtype = Any
 
@@ -41,23 +42,6 @@ class TextConfig:
   pooling: str = 'last'        # 'last' (reference quirk: position L-1) or 'eos' (argmax token id)
 
 
-class TextAttention(nn.Module):
-  width: int
-  num_heads: int
-  dtype: Dtype
-
-  @nn.compact
-  def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
-    batch, tokens, _ = x.shape
-    head_dim = self.width // self.num_heads
-    qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=jnp.float32, name='in_proj')(x)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    qkv = sharding.with_logical_constraint(qkv, ('prompts', 'length', None, 'act_heads', None))
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=causal)
-    return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                    name='out_proj')(out.reshape(batch, tokens, self.width))
-
-
 class TextBlock(nn.Module):
   config: TextConfig
   dtype: Dtype
@@ -66,8 +50,8 @@ class TextBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     y = layers.layer_norm(cfg.layer_norm_eps, 'ln_1')(x)
-    x = x + TextAttention(cfg.width, cfg.num_heads, self.dtype, name='attn')(
-        y, cfg.causal_mask).astype(jnp.float32)
+    x = x + SelfAttention(cfg.width, cfg.num_heads, True, self.dtype, qkv_name='in_proj', out_name='out_proj',
+                          tokens_axis='prompts', name='attn')(y, cfg.causal_mask).astype(jnp.float32)
     y = layers.layer_norm(cfg.layer_norm_eps, 'ln_2')(x)
     y = nn.Dense(int(cfg.width * cfg.mlp_ratio), dtype=self.dtype, param_dtype=jnp.float32,
                  name='c_fc')(y)

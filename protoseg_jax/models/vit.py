@@ -12,11 +12,11 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-from protoseg_jax import ops, sharding
-from protoseg_jax.models import layers
+from protoseg_jax import errors, sharding
+from protoseg_jax.models import layers, pos_embed as pos_embed_lib
+from protoseg_jax.models.attention import SelfAttention
 
 Dtype = Any
 
@@ -43,28 +43,15 @@ class VitConfig:
   # CLIP-style trunk (timm `pre_norm=True`): patch embedding without bias and a LayerNorm `norm_pre`
   # after the position embeddings. CONCH / UNI: False.
   pre_norm: bool = False
+  # How the position table is resized to the input's token grid (forward and checkpoint import):
+  # 'bicubic_antialias' = timm's `resample_abs_pos_embed` (CONCH / UNI run with `dynamic_img_size=True`);
+  # 'bilinear' = F.interpolate(mode='bilinear', align_corners=False), no anti-aliasing (older versions).
+  pos_embed_resample: str = pos_embed_lib.BICUBIC_ANTIALIAS
 
-
-class Attention(nn.Module):
-  """Multi-head self-attention with fused qkv projection, softmax in f32."""
-
-  width: int
-  num_heads: int
-  qkv_bias: bool
-  dtype: Dtype
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    batch, tokens, _ = x.shape
-    head_dim = self.width // self.num_heads
-    qkv = nn.Dense(3 * self.width, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=jnp.float32,
-                   name='qkv')(x)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    qkv = sharding.with_logical_constraint(qkv, ('batch', 'length', None, 'act_heads', None))
-    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = jax.nn.dot_product_attention(query, key, value)
-    out = out.reshape(batch, tokens, self.width)
-    return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name='proj')(out)
+  def __post_init__(self):
+    if self.pos_embed_resample not in pos_embed_lib.METHODS:
+      raise errors.ConfigError(f'config.model.vit.pos_embed_resample is {self.pos_embed_resample!r}; '
+                               f'expected one of {pos_embed_lib.METHODS}')
 
 
 class Mlp(nn.Module):
@@ -100,7 +87,7 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     y = layers.layer_norm(cfg.layer_norm_eps, 'norm1')(x)
-    y = Attention(cfg.width, cfg.num_heads, cfg.qkv_bias, self.dtype, name='attn')(y)
+    y = SelfAttention(cfg.width, cfg.num_heads, cfg.qkv_bias, self.dtype, name='attn')(y)
     if cfg.layer_scale_init is not None:
       y = LayerScale(cfg.layer_scale_init, name='ls1')(y)
     x = x + y.astype(jnp.float32)
@@ -111,20 +98,14 @@ class Block(nn.Module):
     return sharding.with_logical_constraint(x + y.astype(jnp.float32), TOKENS)
 
 
-def resize_pos_embed(pos_embed: jax.Array, num_prefix: int, grid_hw: tuple[int, int]) -> jax.Array:
-  """Bilinearly resizes the grid part of `[1, prefix + G*G, D]` to `[1, prefix + h*w, D]`.
+def resize_pos_embed(pos_embed: jax.Array, num_prefix: int, grid_hw: tuple[int, int],
+                     method: str = pos_embed_lib.BICUBIC_ANTIALIAS) -> jax.Array:
+  """Resizes the grid part of `[1, prefix + G*G, D]` to `[1, prefix + h*w, D]`, prefix kept apart.
 
-  align_corners=False, no anti-aliasing (`F.interpolate(mode='bilinear')`, as the reference code).
+  `method`: 'bicubic_antialias' (timm's `resample_abs_pos_embed`) or 'bilinear' (no anti-aliasing); see
+  `protoseg_jax.models.pos_embed.resample_pos_embed`.
   """
-  prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-  side = int(round(np.sqrt(grid.shape[1])))
-  if side * side != grid.shape[1]:
-    raise ValueError(f'position table of {grid.shape[1]} grid tokens is not square')
-  if (side, side) == tuple(grid_hw):
-    return pos_embed
-  grid = grid.reshape(1, side, side, -1)
-  grid = ops.resize_bilinear(grid.astype(jnp.float32), grid_hw, align_corners=False)
-  return jnp.concatenate([prefix, grid.reshape(1, grid_hw[0] * grid_hw[1], -1)], axis=1)
+  return pos_embed_lib.resample_pos_embed(pos_embed, num_prefix, grid_hw, method)
 
 
 class VisionTransformer(nn.Module):
@@ -154,7 +135,7 @@ class VisionTransformer(nn.Module):
     if cfg.class_token:
       cls_token = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, cfg.width))
       x = jnp.concatenate([jnp.broadcast_to(cls_token, (batch, 1, cfg.width)), x], axis=1)
-    x = x + resize_pos_embed(pos_embed, num_prefix, grid_hw)
+    x = x + resize_pos_embed(pos_embed, num_prefix, grid_hw, cfg.pos_embed_resample)
     x = sharding.with_logical_constraint(x, TOKENS)
     if cfg.pre_norm:
       x = layers.layer_norm(cfg.layer_norm_eps, 'norm_pre')(x)

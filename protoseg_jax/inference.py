@@ -1,0 +1,111 @@
+"""Images of any size through a fixed-tile model: sliding windows, batching across images, stitching.
+
+The model side is `scores_call(windows uint8 [B, S, S, 3], labels int32 [B, C]) -> [B, S, S, K]` (B fixed:
+the last batch is padded, so it compiles once). Each image is cut into S x S windows every `stride` pixels
+(the last flush with the border; an image smaller than a window is zero-padded), windows of consecutive
+images share batches, and each image's scores are the (optionally weighted) mean of its windows' scores.
+Used by evaluation (images larger than a tile), predict and the slide path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from protoseg_jax import ops
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+  """Start offsets covering `[0, length)` with windows of `window` every `stride`, the last flush with the
+  end (one window at 0 when the image is not longer than the window)."""
+  if stride <= 0:
+    raise ValueError(f'config.eval.stride must be positive, got {stride}')
+  if length <= window:
+    return [0]
+  starts = list(range(0, length - window + 1, stride))
+  if starts[-1] != length - window:
+    starts.append(length - window)
+  return starts
+
+
+def resize_scores(scores: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
+  """Bilinear (align_corners=False) resize of `[H, W, K]` scores, e.g. back to the size of a mask."""
+  if scores.shape[:2] == tuple(out_hw):
+    return scores
+  rows = ops.bilinear_matrix(scores.shape[0], out_hw[0], False)
+  cols = ops.bilinear_matrix(scores.shape[1], out_hw[1], False)
+  return np.einsum('oh,hwc,pw->opc', rows, scores, cols).astype(np.float32)
+
+
+@dataclasses.dataclass
+class _Pending:
+  """One image being stitched: its score sum and weight sum over the padded canvas."""
+
+  index: int
+  shape: tuple[int, int]
+  remaining: int
+  total: Optional[np.ndarray] = None
+  weight: Optional[np.ndarray] = None
+
+
+def stitched_scores(scores_call: Callable[[np.ndarray, np.ndarray], np.ndarray], images: Sequence[np.ndarray],
+                    labels: np.ndarray, window: int, stride: int, batch_size: int,
+                    window_weight: Optional[np.ndarray] = None) -> Iterator[tuple[int, np.ndarray]]:
+  """Yields `(index, scores [H, W, K] float32)` for every image, in order, as soon as it is complete.
+
+  Args:
+    scores_call: the model (see the module docstring); called with exactly `batch_size` windows.
+    images: uint8 `[H_i, W_i, 3]` images of any size.
+    labels: `[N, C]` int32 image-level labels (-1 unknown), shared by all windows of an image.
+    window: S, the model's tile size; stride: window step (`window` = no overlap).
+    window_weight: optional `[S, S]` blending weight (e.g. a Gaussian importance map); default uniform.
+  """
+  weight = np.ones((window, window), np.float32) if window_weight is None else np.asarray(window_weight,
+                                                                                           np.float32)
+  pending: dict[int, _Pending] = {}
+  batch_windows, batch_labels, batch_where = [], [], []
+
+  def flush() -> Iterator[tuple[int, np.ndarray]]:
+    count = len(batch_windows)
+    windows = np.stack(batch_windows + [batch_windows[0]] * (batch_size - count))
+    window_labels = np.stack(batch_labels + [batch_labels[0]] * (batch_size - count))
+    scores = np.asarray(scores_call(windows, window_labels), np.float32)[:count]
+    for (index, y, x), window_scores in zip(batch_where, scores):
+      entry = pending[index]
+      if entry.total is None:
+        height, width = max(entry.shape[0], window), max(entry.shape[1], window)
+        entry.total = np.zeros((height, width, window_scores.shape[-1]), np.float32)
+        entry.weight = np.zeros((height, width, 1), np.float32)
+      entry.total[y:y + window, x:x + window] += window_scores * weight[..., None]
+      entry.weight[y:y + window, x:x + window, 0] += weight
+      entry.remaining -= 1
+    batch_windows.clear()
+    batch_labels.clear()
+    batch_where.clear()
+    for index in sorted(pending):
+      entry = pending[index]
+      if entry.remaining:
+        break
+      height, width = entry.shape
+      yield index, (entry.total / np.maximum(entry.weight, 1e-12))[:height, :width]
+      del pending[index]
+
+  for index, image in enumerate(images):
+    height, width = image.shape[:2]
+    canvas = image
+    if height < window or width < window:
+      canvas = np.zeros((max(height, window), max(width, window), 3), np.uint8)
+      canvas[:height, :width] = image
+    corners = [(y, x) for y in window_starts(canvas.shape[0], window, stride)
+               for x in window_starts(canvas.shape[1], window, stride)]
+    pending[index] = _Pending(index, (height, width), len(corners))
+    for y, x in corners:
+      batch_windows.append(np.ascontiguousarray(canvas[y:y + window, x:x + window]))
+      batch_labels.append(np.asarray(labels[index], np.int32))
+      batch_where.append((index, y, x))
+      if len(batch_windows) == batch_size:
+        yield from flush()
+  if batch_windows:
+    yield from flush()

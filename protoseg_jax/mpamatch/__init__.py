@@ -1,1 +1,0 @@
-"""MPAMatch: semi-supervised segmentation with image- and text-prototype pixel contrast (UniMatch loop)."""
