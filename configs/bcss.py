@@ -4,7 +4,8 @@ batch kept, bicubic anti-aliased position table, dense CRF on the test pass).
 
   python -m protoseg_jax.main --config=configs/bcss.py --workdir=/tmp/bcss \
       --config.data.root=/data/BCSS-WSSS --config.backbone.source=conch \
-      --config.backbone.path=/models/conch/pytorch_model.bin --config.tokenizer.path=/models/conch/tokenizer.json
+      --config.backbone.path=/models/conch/pytorch_model.bin \
+      --config.tokenizer.path=/models/conch/tokenizer.json
 """
 
 from protoseg_jax.methods.dualprotoseg import config as dualprotoseg_config

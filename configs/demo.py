@@ -12,6 +12,7 @@ from protoseg_jax.methods.dualprotoseg import config as dualprotoseg_config
 def get_config():
   config = dualprotoseg_config.get_config()
   config.data.kind = 'synthetic'
+  config.data.mpp = 0.5                    # the synthetic set has no physical scale: 20x by convention
   config.data.root = ''                    # '' = <workdir>/synthetic_bcss
   config.data.synthetic.num_train = 768
   config.data.synthetic.num_val = 64

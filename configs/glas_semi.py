@@ -33,6 +33,7 @@ def get_config(dataset: str = 'glas'):
     config.data.kind = 'glas'
     config.data.root = '/data/GlaS'
     config.data.train_window = 512
+    config.data.mpp = 0.62005              # GlaS: "20X (0.62005 µm/pixel)", Zeiss MIRAX MIDI
   elif dataset.startswith('ebhi'):
     config.data.kind = 'ebhi'
     config.data.root = '/data/EBHI-SEG'
@@ -40,6 +41,7 @@ def get_config(dataset: str = 'glas'):
     config.data.resize_to = 256            # 224 -> 256 (scored back at 224)
     config.data.train_window = 256
     config.data.test_split = 'test'
+    config.data.mpp = 0.0                  # not published (Shi et al. 2023): set it for --mode=slides
   else:
     # KPIs 2024 task 1: 2048 x 2048 PAS patches, downsampled x0.25 to 512; JPEG masks thresholded at 127.
     config.data.kind = 'kpi'
@@ -49,4 +51,5 @@ def get_config(dataset: str = 'glas'):
     config.data.mask_threshold = 127
     config.data.eval_split = 'val'         # the official validation folder
     config.data.test_split = 'val'         # the challenge's test set is not public
+    config.data.mpp = 0.0                  # not in the challenge text: read it off the WSIs for slides
   return config

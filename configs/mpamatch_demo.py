@@ -15,6 +15,7 @@ from protoseg_jax.methods.mpamatch import config as mpamatch_config
 def get_config():
   config = mpamatch_config.get_config()
   config.data.kind = 'synthetic'
+  config.data.mpp = 0.5                    # the synthetic set has no physical scale: 20x by convention
   config.data.root = ''                    # '' = <workdir>/synthetic_seg
   config.data.class_names = mpamatch_config.CLASS_NAMES['synthetic']
   config.data.palette = mpamatch_config.SYNTHETIC_PALETTE

@@ -68,7 +68,8 @@ MAX_RESUMES="${MAX_RESUMES:-3}"
 # this terminal ends the loop after the current run has saved. Returns the last exit code.
 run_resuming() {
   show "$@"
-  note "rerun while it exits $EXIT_PREEMPTED (preempted after saving a checkpoint), at most $MAX_RESUMES times"
+  note "rerun while it exits $EXIT_PREEMPTED (preempted after saving a checkpoint)," \
+    "at most $MAX_RESUMES times"
   if [[ "$DRY_RUN" == 1 ]]; then
     return 0
   fi
@@ -90,6 +91,8 @@ run_resuming() {
 
 # The remote-shell form of run_resuming: a one-line loop around an already quoted command.
 resuming_loop() {
-  printf 'n=0; while :; do %s; rc=$?; if [ "$rc" -ne %s ] || [ "$n" -ge %s ]; then exit "$rc"; fi; n=$((n + 1)); done' \
-    "$1" "$EXIT_PREEMPTED" "$MAX_RESUMES"
+  local loop='n=0; while :; do %s; rc=$?; if [ "$rc" -ne %s ] || [ "$n" -ge %s ]; then exit "$rc"; fi;'
+  loop+=' n=$((n + 1)); done'
+  # shellcheck disable=SC2059
+  printf "$loop" "$1" "$EXIT_PREEMPTED" "$MAX_RESUMES"
 }

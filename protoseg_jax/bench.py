@@ -17,6 +17,7 @@ synthetic slide through `protoseg_jax.slides`: tiles/s, seconds, input wait). `-
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,19 +34,6 @@ from protoseg_jax import costs, registry
 from protoseg_jax.method import Method, Workload
 
 WHAT = ('train', 'inference', 'tta', 'pipeline', 'slides')
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file with get_config().', lock_config=True)
-_WHAT = flags.DEFINE_list('what', ['train', 'inference', 'tta'], f'Rows: any of {", ".join(WHAT)}.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls per program (after 2 warm-up calls).')
-_BATCH = flags.DEFINE_integer('batch_size', 0, 'Batch of every program (0 = the config\'s).')
-_COMPILE_ONLY = flags.DEFINE_boolean('compile_only', False, 'Account for the compiled programs, run nothing.')
-_PEAK = flags.DEFINE_float('peak_tflops', None, 'bf16 dense peak of the chip, TFLOP/s (default: by kind).')
-_JSON = flags.DEFINE_string('json', None, 'Write the rows as JSON here.')
-_PROFILE = flags.DEFINE_string('profile_dir', None, 'Write a jax.profiler trace of the timed train steps.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Data folder for the pipeline / slides rows (default: a '
-                               'temporary folder; the method writes its synthetic set there if configured).')
-_SLIDE_PX = flags.DEFINE_integer('slide_px', 4096, 'Side of the synthetic slide of the slides row.')
-
 
 def _time(fn, args: tuple, steps: int, donate: bool, profile_dir: Optional[str]) -> tuple[float, float]:
   """(seconds per call, device peak GiB) of `fn(*args)` after two warm-up calls; a donating train step
@@ -167,28 +155,55 @@ def format_table(rows: list[dict], peak: Optional[costs.PeakFlops] = None) -> st
            f'{"workload":<44}{"batch":>6}{"img/s":>10}{"ms/step":>10}{"GFLOP/img":>11}{"matmul":>9}'
            f'{"GB/img":>8}{"MFU":>7}{"peak GiB":>9}{"wait":>6}']
   for row in rows:
+    wait = 100 * row['input_wait_fraction'] if 'input_wait_fraction' in row else math.nan
     lines.append(f'{row["workload"]:<44}{row["batch"]:>6}{_fmt(row.get("images_per_s"), "10.1f"):>10}'
                  f'{_fmt(row.get("ms_per_step"), "10.1f"):>10}{_fmt(row.get("gflop_per_image"), "11.2f"):>11}'
                  f'{_fmt(row.get("matmul_gflop_per_image"), "9.2f"):>9}'
                  f'{_fmt(row.get("gb_accessed_per_image"), "8.3f"):>8}'
                  f'{_fmt(100 * row["mfu"] if "mfu" in row else math.nan, "6.1f"):>7}'
                  f'{_fmt(row.get("peak_gib"), "9.2f"):>9}'
-                 f'{_fmt(100 * row["input_wait_fraction"] if "input_wait_fraction" in row else math.nan, "5.0f"):>6}')
+                 f'{_fmt(wait, "5.0f"):>6}')
   lines.append('GFLOP/img: XLA cost analysis; matmul: analytic dot/conv count; MFU on the matmul count; peak '
                'GiB: compiled argument + output + temp - alias; wait: % of a step the device waits for input')
   return '\n'.join(lines)
 
 
-def main(argv):
-  del argv
-  rows = run(_CONFIG.value, _WHAT.value, _STEPS.value, _BATCH.value or None, _COMPILE_ONLY.value, _PEAK.value,
-             _WORKDIR.value, _PROFILE.value, _SLIDE_PX.value)
-  print(format_table(rows, costs.peak_tflops(override=_PEAK.value)))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as handle:
-      json.dump({'device': jax.devices()[0].device_kind, 'jax': jax.__version__, 'rows': rows}, handle, indent=2)
+def _define_flags() -> dict:
+  """The CLI's flags, defined only when run as a program (the module is also imported as a library)."""
+  return {
+      'config': config_flags.DEFINE_config_file('config', None, 'Config file with get_config().',
+                                                lock_config=True),
+      'what': flags.DEFINE_list('what', ['train', 'inference', 'tta'], f'Rows: any of {", ".join(WHAT)}.'),
+      'steps': flags.DEFINE_integer('steps', 10, 'Timed calls per program (after 2 warm-up calls).'),
+      'batch_size': flags.DEFINE_integer('batch_size', 0, 'Batch of every program (0 = the config\'s).'),
+      'compile_only': flags.DEFINE_boolean('compile_only', False,
+                                           'Account for the compiled programs, run nothing.'),
+      'peak_tflops': flags.DEFINE_float('peak_tflops', None,
+                                        'bf16 dense peak of the chip, TFLOP/s (default: by device kind).'),
+      'json': flags.DEFINE_string('json', None, 'Write the rows as JSON here.'),
+      'profile_dir': flags.DEFINE_string('profile_dir', None,
+                                         'Write a jax.profiler trace of the timed train steps here.'),
+      'workdir': flags.DEFINE_string('workdir', None, 'Data folder of the pipeline / slides rows (default: a '
+                                     'temporary folder; a synthetic set is written there if configured).'),
+      'slide_px': flags.DEFINE_integer('slide_px', 4096, 'Side of the synthetic slide of the slides row.'),
+  }
+
+
+def main(argv, cli: dict):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  value = lambda name: cli[name].value
+  rows = run(value('config'), value('what'), value('steps'), value('batch_size') or None,
+             value('compile_only'), value('peak_tflops'), value('workdir'), value('profile_dir'),
+             value('slide_px'))
+  print(format_table(rows, costs.peak_tflops(override=value('peak_tflops'))))
+  if value('json'):
+    with open(value('json'), 'w') as handle:
+      json.dump({'device': jax.devices()[0].device_kind, 'jax': jax.__version__, 'rows': rows}, handle,
+                indent=2)
 
 
 if __name__ == '__main__':
+  CLI = _define_flags()
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(functools.partial(main, cli=CLI))

@@ -35,7 +35,8 @@ KEEP_BEST = 2
 def _describe(tree: Any) -> dict[str, tuple]:
   """`{'a/b/0': shape}`: paths spelled the same for dicts, dataclasses, named tuples and tuples."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(np.shape(leaf)) for path, leaf in flat}
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(np.shape(leaf))
+          for path, leaf in flat}
 
 
 def check_structure(saved: Any, wanted: Any, where: str) -> None:
@@ -70,7 +71,8 @@ def _abstract(tree: Any) -> Any:
 def tree_checksum(tree: Any) -> float:
   """A cheap checksum (sum of |values| in float64) of a parameter tree, e.g. the frozen towers: stored in
   checkpoint meta so that a restore onto different towers is refused by the caller."""
-  return float(sum(np.abs(np.asarray(jax.device_get(leaf), np.float64)).sum() for leaf in jax.tree.leaves(tree)))
+  return float(sum(np.abs(np.asarray(jax.device_get(leaf), np.float64)).sum()
+                   for leaf in jax.tree.leaves(tree)))
 
 
 def _first_line(error: BaseException) -> str:

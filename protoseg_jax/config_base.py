@@ -21,7 +21,7 @@ from protoseg_jax.slides import config as slides_config
 # config.checkpoint.allow_config_change is set. Prefix match on the dotted key.
 RESUMABLE_CHANGES = (
     'data.root', 'data.decode_threads', 'data.prefetch_batches', 'data.grain.', 'data.cache_in_memory',
-    'data.split_file', 'backbone.path', 'backbone.text_path', 'tokenizer.path',
+    'data.split_file', 'data.mpp', 'data.palette', 'backbone.path', 'backbone.text_path', 'tokenizer.path',
     'train.log_every_steps', 'train.max_steps', 'checkpoint.', 'mesh.', 'sharding.', 'logging.',
     'eval.batch_size', 'eval.crf', 'predict.', 'slides.', 'query.', 'explain.',
 )

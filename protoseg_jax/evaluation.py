@@ -180,7 +180,8 @@ class Evaluator:
     the same windows on every host, split over the devices (see `inference.stitched_scores`)."""
     def scores_call(windows, labels):
       batch = self._place({'images': windows, 'labels': labels}, per_host=False)
-      return np.asarray(jax.device_get(self._scores(params, extra, statics, batch['images'], batch['labels'])))
+      scores = self._scores(params, extra, statics, batch['images'], batch['labels'])
+      return np.asarray(jax.device_get(scores))
     return scores_call
 
   def _window_confusions(self, params, extra, statics, eval_set: EvalSet) -> np.ndarray:

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -179,7 +179,7 @@ def run_query(method, config, evaluator, params, extra, request: QueryRequest, i
       summary['query_json'] = query_lib.write_query_json(
           out_dir, records, request.phrases, request.prompts, stats, threshold=threshold, level=level,
           statistics_over='tissue pixels (not near-white glass)',
-          meta={**meta, 'inputs_folder': os.path.commonpath([os.path.abspath(p) for p in images])})
+          meta={**meta, 'input_root': os.path.commonpath([os.path.abspath(p) for p in images])})
     summary['images'] = len(images)
     logging.info('query: %d images x %d phrases in %.1f s', len(images), len(request.phrases),
                  time.perf_counter() - start)
@@ -309,7 +309,7 @@ def query_slide(path: str, call: Callable[[np.ndarray], np.ndarray], *, config_s
   nan = np.full(num_phrases, np.nan)
   stats = {'max': maximum if count else nan, 'mean': total / count if count else nan,
            'fraction_above': above / count if count else nan, 'tissue_pixels': np.int64(count)}
-  info = {'slide_mpp': slide.mpp, 'model_mpp': model_mpp, 'level': level, 'mask_mpp': mask_mpp,
+  info = {'slide_mpp': slide.mpp, 'model_mpp': model_mpp, 'slide_level': level, 'mask_mpp': mask_mpp,
           'mask_size': [grid.mask_width, grid.mask_height], 'heatmap_mpp': mask_mpp * block,
           'heatmap_size': [out_w, out_h], 'tiles': len(positions), 'tiles_total': grid.rows * grid.cols,
           'tissue_mm2': float(count * (mask_mpp / 1000.0) ** 2), 'model_seconds': seconds}
@@ -328,7 +328,7 @@ def _query_one_slide(path, call, batch_size, method, config, request, out_dir, m
   if write:
     record = query_lib.write_input_outputs(slide_dir, 0, stem, result.thumbnail, result.heat, request.phrases,
                                            request.prompts, result.stats, level=level, tissue=result.tissue,
-                                           alpha=alpha, panel=384)
+                                           alpha=alpha, panel=384, input_label='slide (tissue only)')
     query_lib.write_query_json(
         slide_dir, [record], request.phrases, request.prompts,
         {key: np.asarray(value)[None] for key, value in result.stats.items()}, threshold=threshold,

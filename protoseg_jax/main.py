@@ -119,8 +119,8 @@ def run_train(method, config, workdir: str, options: Options) -> int:
   del options
   result = trainer.train_and_evaluate(method, config, workdir)
   if 'stopped_at_step' in result:
-    print(f'stopped at step {result["stopped_at_step"]} ({result.get("signal")}); a checkpoint was saved: rerun '
-          'the same command to resume')
+    print(f'stopped at step {result["stopped_at_step"]} ({result.get("signal")}); a checkpoint was saved: '
+          'rerun the same command to resume')
     return errors.EXIT_PREEMPTED
   print(f'final {config.data.eval_split} metrics (step {result.get("step")}):')
   print(method.format_metrics(result))
@@ -170,8 +170,8 @@ def run_eval(method, config, workdir: str, options: Options) -> int:
     if crf_pool is not None:
       crf_pool.close()
   result.update(split=split, checkpoint=options.checkpoint, step=meta.get('step'), crf=crf_pool is not None)
-  print(f'{split} ({eval_set.num_examples} examples, checkpoint {options.checkpoint} = step {meta.get("step")}'
-        f'{", dense CRF" if crf_pool is not None else ""}):')
+  print(f'{split} ({eval_set.num_examples} examples, checkpoint {options.checkpoint} = step '
+        f'{meta.get("step")}{", dense CRF" if crf_pool is not None else ""}):')
   print(method.format_metrics(result))
   _write_json(os.path.join(workdir, f'eval_{split}.json'), result)
   return errors.EXIT_OK
@@ -208,6 +208,10 @@ def run_slides(method, config, workdir: str, options: Options) -> int:
 
   from protoseg_jax import evaluation, sharding, slides  # pylint: disable=g-import-not-at-top
 
+  if not config.data.mpp > 0:
+    raise errors.ConfigError(f'config.data.mpp={config.data.mpp}: the µm/px this model works at is not '
+                             'known for this dataset; set --config.data.mpp (slides are read at that '
+                             'resolution)')
   inputs = slides.expand_inputs(options.input or '')
   params, extra, meta, mesh, shardings = _restore(method, config, workdir, options)
   param_shardings, extra_shardings = {**shardings.frozen, **shardings.trainable}, shardings.extra
@@ -216,7 +220,8 @@ def run_slides(method, config, workdir: str, options: Options) -> int:
     mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.local_devices())
     local = sharding.replicated(mesh)
     params, extra = sharding.host_copy(params), sharding.host_copy(extra)
-    param_shardings, extra_shardings = jax.tree.map(lambda _: local, params), jax.tree.map(lambda _: local, extra)
+    param_shardings = jax.tree.map(lambda _: local, params)
+    extra_shardings = jax.tree.map(lambda _: local, extra)
     params, extra = sharding.place_tree(params, param_shardings), sharding.place_tree(extra, extra_shardings)
   evaluator = evaluation.Evaluator(method, config, mesh, param_shardings, extra_shardings, 'slides')
   scores_call = evaluator.scores_call(params, extra, evaluator.statics(params, extra))
@@ -345,7 +350,8 @@ def _unknown_override(argv) -> Optional[str]:
       key = arg[len('--config.'):].split('=', 1)[0]
       if key not in known and not any(name.startswith(key + '.') for name in known):
         close = config_base._closest(key, known)  # pylint: disable=protected-access
-        return f'unknown config key config.{key} (in {arg})' + (f'; did you mean config.{close}?' if close else '')
+        hint = f'; did you mean config.{close}?' if close else ''
+        return f'unknown config key config.{key} (in {arg}){hint}'
   return None
 
 

@@ -179,7 +179,7 @@ class Method(abc.ABC):
   # --- model ---------------------------------------------------------------------------------------
   @abc.abstractmethod
   def param_axes(self) -> Sequence[tuple[str, tuple]]:
-    """`(path regex, logical axis names)` for the method's own parameters (see `sharding.TOWER_PARAM_AXES`)."""
+    """`(path regex, logical axis names)` of the method's own parameters (`sharding.TOWER_PARAM_AXES`)."""
 
   @abc.abstractmethod
   def init_variables(self, rng: jax.Array) -> tuple[Params, Any]:
@@ -267,8 +267,8 @@ class Method(abc.ABC):
                        f'{self.name or type(self).__name__!r} has no prototypes')
 
   def query_tokenizer(self) -> tuple[Any, int]:
-    """-> (tokenizer with `encode(text) -> ids`, the most ids a phrase may take: the text tower's context minus
-    what the method adds around it), for `explain.query.format_phrases`."""
+    """-> (tokenizer with `encode(text) -> ids`, the most ids a phrase may take: the text tower's context
+    minus what the method adds around it), for `explain.query.format_phrases`."""
     raise self._no_text_side()
 
   def phrase_token_ids(self, prompts: Sequence[str]) -> np.ndarray:

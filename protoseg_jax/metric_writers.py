@@ -1,4 +1,5 @@
-"""Metrics a user can watch: JSONL files, TensorBoard event files (tensorboardX, no TensorFlow), a progress line.
+"""Metrics a user can watch: JSONL files, TensorBoard event files (tensorboardX, no TensorFlow), a progress
+line.
 
 Only the primary process writes (the others' writers are no-ops).
   <workdir>/train_metrics.jsonl, <workdir>/eval_metrics.jsonl   one JSON object per line (pandas-readable)
@@ -22,7 +23,7 @@ def _is_primary() -> bool:
 
 
 class MetricWriter:
-  """Scalars to `<workdir>/<name>.jsonl` and, with `tensorboard`, to TensorBoard under the tag `<name>/key`."""
+  """Scalars to `<workdir>/<name>.jsonl` and, with `tensorboard`, to TensorBoard as `<name>/key`."""
 
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.workdir = workdir

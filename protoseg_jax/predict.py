@@ -34,7 +34,8 @@ def expand_inputs(spec: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> li
   if not spec:
     raise DatasetError('no input: pass --input=FOLDER|GLOB|FILE (or set config.predict.input_dir)')
   if os.path.isdir(spec):
-    paths = sorted(p for p in glob.glob(os.path.join(spec, '*')) if os.path.splitext(p)[1].lower() in extensions)
+    paths = sorted(p for p in glob.glob(os.path.join(spec, '*'))
+                   if os.path.splitext(p)[1].lower() in extensions)
     if not paths:
       raise DatasetError(f'no images ({", ".join(e.lstrip(".") for e in extensions)}) in {spec}')
     return paths

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
-import dataclasses
 import logging
 import math
 import os
@@ -267,7 +266,8 @@ def train_state_shardings(abstract_state: Any, optimizer: Any, mesh: AnyMesh, ru
       opt_state=optimizer_state_shardings(optimizer, abstract_state.opt_state, trainable, mesh))
 
 
-def optimizer_state_shardings(optimizer: Any, opt_state: Any, param_shardings_tree: Any, mesh: AnyMesh) -> Any:
+def optimizer_state_shardings(optimizer: Any, opt_state: Any, param_shardings_tree: Any,
+                              mesh: AnyMesh) -> Any:
   """Shardings of an optax state: every copy of the parameter tree inside it (Adam moments, also inside
   `multi_transform` / masked states) follows the parameters' shardings, the rest (counts) is replicated.
 
@@ -533,7 +533,8 @@ def describe(state: Any, shardings: Any, mesh: AnyMesh) -> str:
   return '\n'.join(lines)
 
 
-def memory_table(abstract_state: Any, shardings_for: Callable[[AnyMesh], Any], meshes: Sequence[Sequence[int]]) -> str:
+def memory_table(abstract_state: Any, shardings_for: Callable[[AnyMesh], Any],
+                 meshes: Sequence[Sequence[int]]) -> str:
   """Per-device bytes of params and optimizer state of `abstract_state` under each `(data, fsdp, tensor)`
   mesh shape (`shardings_for(mesh)` -> the state's shardings), by shard-shape arithmetic on device-free
   meshes (nothing is allocated)."""

@@ -32,7 +32,8 @@ def poly_schedule(learning_rate: float, power: float, total_steps: int) -> optax
   return optax.polynomial_schedule(learning_rate, 0.0, power, max(total_steps, 1))
 
 
-def adamw(train_config: ml_collections.ConfigDict, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
+def adamw(train_config: ml_collections.ConfigDict, schedule: optax.Schedule,
+          mask: Any) -> optax.GradientTransformation:
   """AdamW with `config.train.{adam_b1, adam_b2, adam_eps, weight_decay}` and a decay mask tree."""
   return optax.adamw(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps,
                      weight_decay=train_config.weight_decay, mask=mask)
@@ -49,7 +50,8 @@ def store_frozen_kernels(frozen: Any, dtype) -> Any:
 
   def cast(path, leaf):
     name = jax.tree_util.keystr(path, simple=True, separator='/')
-    return leaf.astype(dtype) if name.endswith('kernel') and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+    is_kernel = name.endswith('kernel') and jnp.issubdtype(leaf.dtype, jnp.floating)
+    return leaf.astype(dtype) if is_kernel else leaf
 
   return jax.tree_util.tree_map_with_path(cast, frozen)
 

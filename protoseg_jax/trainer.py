@@ -7,9 +7,10 @@ the device between log windows, validations and saves.
 Faults it survives: SIGTERM / SIGINT (a checkpoint is saved after the current step, then the run returns
 `stopped_at_step`; the CLI exits with `errors.EXIT_PREEMPTED`), an unreadable newest checkpoint (moved aside,
 the next intact one is resumed), a changed run-defining config (refused, listing the keys, unless
-`config.checkpoint.allow_config_change`), and a NaN/Inf loss: the step records the first bad step (`train_state.guard_nonfinite`); the loop raises
-`NonFiniteLossError` at its next sync (a log window, a validation or a save, whichever comes first), before
-anything of that step or later is saved, so the checkpoints on disk (and the best) stay finite.
+`config.checkpoint.allow_config_change`), and a NaN/Inf loss: the step records the first bad step
+(`train_state.guard_nonfinite`); the loop raises `NonFiniteLossError` at its next sync (a log window, a
+validation or a save, whichever comes first), before anything of that step or later is saved, so the
+checkpoints on disk (and the best) stay finite.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import ml_collections
@@ -98,7 +99,8 @@ def is_eval_step(done: int, total: int, config: ml_collections.ConfigDict,
 
 def resumable(state: TrainState) -> dict:
   """What a step checkpoint holds of the state: all but the frozen towers (rebuilt from the config)."""
-  return {'step': state.step, 'trainable': state.trainable, 'extra': state.extra, 'opt_state': state.opt_state}
+  return {'step': state.step, 'trainable': state.trainable, 'extra': state.extra,
+          'opt_state': state.opt_state}
 
 
 def weights(state: TrainState) -> dict:
@@ -126,8 +128,8 @@ def check_config_unchanged(meta: dict, config: ml_collections.ConfigDict, where:
     return
   changed = config_base.run_defining_changes(saved, config_base.to_json_dict(config))
   if changed:
-    raise CheckpointError(f'{where} was trained with another config; changed: {"; ".join(changed)} (use a new '
-                          '--workdir, or --config.checkpoint.allow_config_change=True to resume anyway)')
+    raise CheckpointError(f'{where} was trained with another config; changed: {"; ".join(changed)} (use a '
+                          'new --workdir, or --config.checkpoint.allow_config_change=True to resume anyway)')
 
 
 def _nonfinite(state: TrainState) -> int:
@@ -136,9 +138,10 @@ def _nonfinite(state: TrainState) -> int:
 
 def _raise_nonfinite(bad_step: int, checked_at: int, last_saved: Optional[int], workdir: str) -> None:
   kept = (f'the last checkpoint (step {last_saved}) is intact' if last_saved else 'no checkpoint was written')
-  raise NonFiniteLossError(f'step {bad_step + 1}: the loss is NaN or Inf; training stopped at the check after '
-                           f'step {checked_at} and saved nothing of it ({kept} in {workdir}/checkpoints). '
-                           'Lower config.train.learning_rate or check the data of that step')
+  raise NonFiniteLossError(f'step {bad_step + 1}: the loss is NaN or Inf; training stopped at the check '
+                           f'after step {checked_at} and saved nothing of it ({kept} in '
+                           f'{workdir}/checkpoints). Lower config.train.learning_rate or check the data of '
+                           'that step')
 
 
 def train_and_evaluate(method: Method, config: ml_collections.ConfigDict, workdir: str,
@@ -255,7 +258,8 @@ def train_and_evaluate(method: Method, config: ml_collections.ConfigDict, workdi
           elapsed = time.perf_counter() - window_start
           # Host time blocked on the input pipeline, as a share of the window: the step's dispatch is
           # asynchronous, so this is the share of time the device could have waited for input.
-          record.update(step=done, images_per_s=window_images / elapsed, input_wait_fraction=window_wait / elapsed)
+          record.update(step=done, images_per_s=window_images / elapsed,
+                        input_wait_fraction=window_wait / elapsed)
           if steps_per_epoch:
             record['epoch'] = done / steps_per_epoch
           writer.write('train_metrics', done, record)

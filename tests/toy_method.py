@@ -38,8 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = config_base.base_config('toy')
   config.data = ml_collections.ConfigDict(dict(
       kind='synthetic', root='', class_names=VALUES, palette=PALETTE, image_size=32, resize_to=0,
-      mask_mode='index', mask_threshold=0, labelled_fraction=1.0, val_fraction=0.25, split_file='', split_seed=0,
-      eval_split='val', test_split='test', decode_threads=2, mpp=1.0, ebhi_subset='gland'))
+      mask_mode='index', mask_threshold=0, labelled_fraction=1.0, val_fraction=0.25, split_file='',
+      split_seed=0, eval_split='val', test_split='test', decode_threads=2, mpp=1.0, ebhi_subset='gland'))
   config.data.synthetic = ml_collections.ConfigDict(dict(num_train=12, num_val=4, num_test=3, render_size=32,
                                                          seed=0, foreground_values=()))
   config.data.grain = ml_collections.ConfigDict(dict(read_threads=1, prefetch_buffer_size=2, worker_count=0,
@@ -97,7 +97,8 @@ class ToyMethod(Method):
 
       def loss_fn(trainable):
         logits = self.model.apply({'params': {**state.frozen, **trainable}}, images)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch['masks'].astype(jnp.int32)).mean()
+        labels = batch['masks'].astype(jnp.int32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
       loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
       nan_from = self.config.train.nan_from_step
@@ -115,7 +116,8 @@ class ToyMethod(Method):
   def _splits(self, workdir):
     root = sets.resolve_root(self.config.data, workdir)
     splits = sets.list_dataset(self.config.data, root)
-    return splits, sets.load_or_create_split(splits, self.config.data, sets.split_path(self.config.data, workdir))
+    path = sets.split_path(self.config.data, workdir)
+    return splits, sets.load_or_create_split(splits, self.config.data, path)
 
   def train_data(self, workdir, process_index, process_count):
     splits, split = self._splits(workdir)
@@ -128,11 +130,13 @@ class ToyMethod(Method):
 
     batch = self.config.train.batch_size
     build = lambda start: input_pipeline.element_batches(
-        pairs, decode, seed=self.config.seed, global_batch=batch, last_batch='drop', process_index=process_index,
-        process_count=process_count, options=self.config.data.grain, start_step=start)
+        pairs, decode, seed=self.config.seed, global_batch=batch, last_batch='drop',
+        process_index=process_index, process_count=process_count, options=self.config.data.grain,
+        start_step=start)
     interrupt_after = self.config.train.interrupt_after_batches
     return TrainData(len(pairs), input_pipeline.steps_per_epoch(len(pairs), batch, 'drop'), batch, True,
-                     lambda state: _Interrupting(input_pipeline.TrainIterator(build, 0, state), interrupt_after))
+                     lambda state: _Interrupting(input_pipeline.TrainIterator(build, 0, state),
+                                                 interrupt_after))
 
   def eval_set(self, workdir, split, process_index, process_count):
     splits, split_dict = self._splits(workdir)
@@ -153,7 +157,8 @@ class ToyMethod(Method):
   def export(self, params, extra, out_dir):
     from safetensors.numpy import save_file
     path = os.path.join(out_dir, 'toy.safetensors')
-    save_file({'head.weight': np.ascontiguousarray(np.asarray(params['head']['kernel']).transpose(3, 2, 0, 1)),
+    kernel = np.asarray(params['head']['kernel']).transpose(3, 2, 0, 1)
+    save_file({'head.weight': np.ascontiguousarray(kernel),
                'head.bias': np.asarray(params['head']['bias']),
                'steps_seen': np.asarray(extra['steps_seen'])}, path)
     return {'model': path}

@@ -56,7 +56,8 @@ def data_config(image_size: int) -> ml_collections.ConfigDict:
   """A BCSS-WSSS tile-set data block (the keys `tile_sets` and `grain_pipeline.HostAugment` read)."""
   return ml_collections.ConfigDict(dict(
       kind='folder', root='', class_names=bcss.CLASS_NAMES, background_name=bcss.BACKGROUND_NAME,
-      image_size=image_size, mean=(0.66791496, 0.47791372, 0.70623304), std=(0.1736589, 0.22564577, 0.19820057),
+      image_size=image_size, mean=(0.66791496, 0.47791372, 0.70623304),
+      std=(0.1736589, 0.22564577, 0.19820057),
       channel_order='rgb', decode_threads=1, cache_in_memory=False, augment_on='device',
       synthetic=dict(num_train=0, num_val=0, num_test=0, seed=0, format='folder'),
       augment=dict(hflip=True, vflip=True, rot90=True, rot90_prob=0.5),

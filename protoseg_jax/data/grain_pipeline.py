@@ -66,7 +66,7 @@ class HostAugment:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   rot90_prob: float = 0.5   # albumentations RandomRotate90 p (config.data.augment.rot90_prob)
-  channel_order: str = 'rgb'  # config.data.channel_order: the order the model is fed (as augment.to_model_input)
+  channel_order: str = 'rgb'  # config.data.channel_order, as augment.to_model_input applies it
 
   @classmethod
   def from_config(cls, data_config: ml_collections.ConfigDict) -> 'HostAugment':

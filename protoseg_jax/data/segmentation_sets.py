@@ -179,7 +179,8 @@ def list_dataset(data: ml_collections.ConfigDict, root: str) -> dict[str, list[P
   elif kind in ('folder', 'synthetic'):
     splits = list_folder(root)
   else:
-    raise ConfigError(f"config.data.kind must be 'glas', 'ebhi', 'kpi', 'folder' or 'synthetic', got {kind!r}")
+    raise ConfigError("config.data.kind must be 'glas', 'ebhi', 'kpi', 'folder' or 'synthetic', got "
+                      f'{kind!r}')
   if not splits.get('train'):
     raise DatasetError(f'{root}: no training images found for the {kind} layout')
   return splits

@@ -210,7 +210,7 @@ def sheet_value_range(sims: np.ndarray, tissue: Optional[np.ndarray] = None) -> 
 def terminology_sheet(tile: np.ndarray, sims: np.ndarray, phrases: Sequence[str],
                       stats: Mapping[str, Sequence[float]], *, title: str = '',
                       value_range: Optional[tuple[float, float]] = None, tissue: Optional[np.ndarray] = None,
-                      alpha: float = 0.6, panel: int = 224) -> np.ndarray:
+                      alpha: float = 0.6, panel: int = 224, input_label: Optional[str] = None) -> np.ndarray:
   """One input compared across phrases: `[rows, cols, 3]` uint8 RGB picture.
 
   Left: the tile; then one heatmap overlay per phrase, all on ONE colour scale (`value_range`, default the
@@ -228,6 +228,7 @@ def terminology_sheet(tile: np.ndarray, sims: np.ndarray, phrases: Sequence[str]
     alpha: heatmap opacity over the tile.
     panel: width of each panel in pixels (the tile is resized to it; a non-square input, e.g. a slide
       thumbnail, keeps its aspect ratio, its height at most 2 x panel).
+    input_label: caption of the first panel (default 'tile' for a square input, else 'image').
   """
   sims = np.asarray(sims, np.float32)
   if sims.ndim != 3 or sims.shape[-1] != len(phrases):
@@ -261,7 +262,8 @@ def terminology_sheet(tile: np.ndarray, sims: np.ndarray, phrases: Sequence[str]
     return left
 
   left = place(np.asarray(tile, np.uint8), 0)
-  draw.text((left, top + panel_h + 8), 'tile' if tile_h == tile_w else 'image', fill=(90, 90, 90), font=face)
+  input_label = input_label or ('tile' if tile_h == tile_w else 'image')
+  draw.text((left, top + panel_h + 8), input_label, fill=(90, 90, 90), font=face)
   for q, phrase in enumerate(phrases):
     left = place(heatmap_overlay(tile, sims[..., q], (lo, hi), alpha, tissue), q + 1)
     y = top + panel_h + 8
@@ -295,9 +297,10 @@ def _json_number(value) -> Optional[float]:
 
 
 def write_input_outputs(out_dir: str, position: int, name: str, tile: np.ndarray, sims: np.ndarray,
-                        phrases: Sequence[str], prompts: Sequence[str], stats: Mapping[str, Any], *, level: Any,
-                        tissue: Optional[np.ndarray] = None, value_range: Optional[tuple[float, float]] = None,
-                        alpha: float = 0.6, panel: int = 224) -> dict:
+                        phrases: Sequence[str], prompts: Sequence[str], stats: Mapping[str, Any], *,
+                        level: Any, tissue: Optional[np.ndarray] = None,
+                        value_range: Optional[tuple[float, float]] = None, alpha: float = 0.6,
+                        panel: int = 224, input_label: Optional[str] = None) -> dict:
   """One input's overlays and terminology sheet under `out_dir/NNNN_<name>/`; -> its `query.json` record.
 
   Args:
@@ -305,7 +308,7 @@ def write_input_outputs(out_dir: str, position: int, name: str, tile: np.ndarray
     tile: `[H, W, 3]` uint8; sims: `[H, W, Q]` maps at its size; tissue: `[H, W]` bool or None.
     stats: this input's `max`, `mean`, `fraction_above` (Q values each) and `tissue_pixels`.
     value_range: the colour scale, or None for the min/max over its tissue pixels and all phrases.
-    panel: the sheet's panel width (`terminology_sheet`).
+    panel, input_label: the sheet's panel width and first caption (`terminology_sheet`).
   """
   mask = None if tissue is None else np.asarray(tissue, bool)
   sims = np.asarray(sims, np.float32)
@@ -322,7 +325,7 @@ def write_input_outputs(out_dir: str, position: int, name: str, tile: np.ndarray
                     'fraction_above': _json_number(stats['fraction_above'][q]), 'overlay': overlay_file})
   sheet = terminology_sheet(tile, sims, phrases, {k: stats[k] for k in ('max', 'mean')},
                             title=f'{name} · cosine similarity, {_level_text(level)}', value_range=scale,
-                            tissue=mask, alpha=alpha, panel=panel)
+                            tissue=mask, alpha=alpha, panel=panel, input_label=input_label)
   sheet_file = f'{folder}/sheet.png'
   Image.fromarray(sheet).save(os.path.join(out_dir, sheet_file))
   return {'name': name, 'tissue_pixels': int(stats['tissue_pixels']),

@@ -4,6 +4,7 @@ methods on tiny configs (compile-only and timed), with its columns filled. No sp
 import math
 import os
 
+import jax
 import pytest
 
 import tiny_config
@@ -53,6 +54,19 @@ def test_dualprotoseg_report_compile_only_and_timed(tmp_path):
   assert 0.0 <= timed[1]['input_wait_fraction'] <= 1.0
   table = bench.format_table(timed, costs.peak_tflops(override=1.0))
   assert 'GFLOP/img' in table and 'DualProtoSeg train' in table
+
+
+def test_timed_inputs_match_the_compiled_signature():
+  # Train and eval batches differ, so a row that timed one batch and counted another would show here.
+  config = tiny_config.get_config()
+  config.train.batch_size, config.eval.batch_size = 2, 3
+  for workload in registry.build(config).bench_workloads(['train', 'inference', 'tta']):
+    real = jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), workload.make_args())
+    abstract = jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), workload.abstract_args)
+    assert real == abstract, workload.name
+    assert 'train' in workload.name or jax.tree.leaves(workload.abstract_args)[-1].shape[0] == workload.images
+  train = registry.build(config).bench_workloads(['train'])[0]
+  assert train.images == 2 and train.abstract_args[1]['images'].shape[0] == 2
 
 
 def test_mpamatch_report_and_unknown_peak_is_nan():

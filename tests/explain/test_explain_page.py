@@ -130,7 +130,7 @@ def _example(tmp_path, with_wins=True):
     if info.kind == 'image' and info.index != 3:                # prototype 3: no patch at all
       count = int(rng.integers(1, 4))
       crops[info.index] = [page.Patch(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8),
-                                      float(rng.uniform(-1, 1)), int(rng.integers(0, 50)), 1, 2, f'tile.png')
+                                      float(rng.uniform(-1, 1)), int(rng.integers(0, 50)), 1, 2, 'tile.png')
                            for _ in range(count)]
   wins = rng.integers(0, 5000, len(infos)) if with_wins else None
   if with_wins:

@@ -34,7 +34,8 @@ def score(config, eval_set: pipeline.EvalSet, masks: np.ndarray) -> dict:
   num_values = len(config.data.class_names) + 1
   index = eval_set.masks.astype(np.int64).reshape(-1) * num_values + masks.astype(np.int64).reshape(-1)
   confusion = np.bincount(index, minlength=num_values ** 2).reshape(num_values, num_values)
-  return metrics_lib.segmentation_metrics(confusion, list(config.data.class_names) + [config.data.background_name],
+  names = list(config.data.class_names) + [config.data.background_name]
+  return metrics_lib.segmentation_metrics(confusion, names,
                                           len(config.data.class_names), config.eval.ignore_background)
 
 

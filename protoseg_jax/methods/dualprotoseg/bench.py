@@ -37,30 +37,32 @@ def workloads(method, what: Sequence[str], batch_size: Optional[int] = None) -> 
 
   bank_shape = jax.eval_shape(method.inference_statics, params_shape, extra_shape)
   if 'train' in what:
-    batch = batch_size or config.train.batch_size
+    train_batch = batch_size or config.train.batch_size
     trainable_shape, _ = method.split_params(params_shape)
     optimizer, schedules = method.optimizer(trainable_shape, 1000)
-    step = jax.jit(train_state.guard_nonfinite(method.train_step_fn(optimizer, schedules)), donate_argnums=(0,))
+    step = jax.jit(train_state.guard_nonfinite(method.train_step_fn(optimizer, schedules)),
+                   donate_argnums=(0,))
     state_shape = train_state.abstract_train_state(method, optimizer, key)
-    batch_shape = {'images': tiles(batch), 'labels': jax.ShapeDtypeStruct((batch, classes), jnp.int32),
-                   'valid': jax.ShapeDtypeStruct((batch,), jnp.bool_)}
+    batch_shape = {'images': tiles(train_batch),
+                   'labels': jax.ShapeDtypeStruct((train_batch, classes), jnp.int32),
+                   'valid': jax.ShapeDtypeStruct((train_batch,), jnp.bool_)}
     key_shape = jax.eval_shape(lambda: jax.random.key(0))
 
     def train_args():
       params, extra = random_variables()
       state = train_state.create_train_state(params, extra, optimizer, method)
-      labels = np.random.default_rng(1).integers(0, 2, (batch, classes)).astype(np.int32)
-      return state, {'images': random_tiles(batch), 'labels': jnp.asarray(labels),
-                     'valid': jnp.ones((batch,), bool)}, jax.random.key(1)
+      labels = np.random.default_rng(1).integers(0, 2, (train_batch, classes)).astype(np.int32)
+      return state, {'images': random_tiles(train_batch), 'labels': jnp.asarray(labels),
+                     'valid': jnp.ones((train_batch,), bool)}, jax.random.key(1)
 
-    rows.append(Workload('DualProtoSeg train', step, (state_shape, batch_shape, key_shape), train_args, batch,
-                         donate=True))
-  batch = batch_size or config.eval.batch_size
+    rows.append(Workload('DualProtoSeg train', step, (state_shape, batch_shape, key_shape), train_args,
+                         train_batch, donate=True))
+  eval_batch = batch_size or config.eval.batch_size
   level = config.eval.cam_level - 1
 
   def inference_args():
     params, extra = random_variables()
-    return params, jax.jit(method.inference_statics)(params, extra), random_tiles(batch)
+    return params, jax.jit(method.inference_statics)(params, extra), random_tiles(eval_batch)
 
   if 'inference' in what:
     def forward(params, bank, images):
@@ -68,18 +70,19 @@ def workloads(method, what: Sequence[str], batch_size: Optional[int] = None) -> 
                          config.eval.merge, method=DualProtoSeg.class_maps)
 
     rows.append(Workload('DualProtoSeg inference (1 pass)', jax.jit(forward),
-                         (params_shape, bank_shape, tiles(batch)), inference_args, batch))
+                         (params_shape, bank_shape, tiles(eval_batch)), inference_args, eval_batch))
   if 'tta' in what:
     scores = method.scores_fn('eval')
-    labels_shape = jax.ShapeDtypeStruct((batch, classes), jnp.int32)
+    labels_shape = jax.ShapeDtypeStruct((eval_batch, classes), jnp.int32)
     passes = len(config.eval.intensity_factors) * (2 if config.eval.hflip else 1)
 
     def tta_args():
       params, bank, images = inference_args()
-      return params, {}, bank, images, jnp.ones((batch, classes), jnp.int32)
+      return params, {}, bank, images, jnp.ones((eval_batch, classes), jnp.int32)
 
     rows.append(Workload(f'DualProtoSeg eval scores ({passes} TTA passes)', jax.jit(scores),
-                         (params_shape, extra_shape, bank_shape, tiles(batch), labels_shape), tta_args, batch))
+                         (params_shape, extra_shape, bank_shape, tiles(eval_batch), labels_shape), tta_args,
+                         eval_batch))
   return rows
 
 
@@ -134,6 +137,7 @@ def analytic_train_flops(config) -> dict:
   text_backward = text.depth * (layer + attention) + projection
   parts = {'trunk forward': trunk, 'refiner forward': refiner_forward, 'refiner backward': refiner_backward,
            'pyramid forward': pyramid_forward, 'pyramid backward': pyramid_backward,
-           'text forward (amortised)': text_forward / batch, 'text backward (amortised)': text_backward / batch}
+           'text forward (amortised)': text_forward / batch,
+           'text backward (amortised)': text_backward / batch}
   parts['total'] = sum(parts.values())
   return parts

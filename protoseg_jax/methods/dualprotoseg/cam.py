@@ -38,7 +38,7 @@ from protoseg_jax import ops
 
 MINMAX_EPS = 1e-6
 
-# images -> merged class maps `[N, h, w, C]`, or (maps, image-level scores `[N, C]`) when a `label_fn` is used.
+# images -> merged class maps `[N, h, w, C]`, or (maps, image-level scores `[N, C]`) with a `label_fn`.
 ClassMapFn = Callable[[jax.Array], Any]
 
 

@@ -1,7 +1,8 @@
 """Trained DualProtoSeg parameters -> PyTorch safetensors named as the authors' `ClsNetwork`, plus the trunk
 alone as a timm `VisionTransformer` state dict.
 
-  python -m protoseg_jax.main --config=configs/bcss.py --workdir=DIR --mode=export [--checkpoint=best|last|STEP]
+  python -m protoseg_jax.main --config=configs/bcss.py --workdir=DIR --mode=export \
+      [--checkpoint=best|last|STEP]
 
 writes, under `--out` (default `DIR/export`, replaced atomically): `dualprotoseg.safetensors` (the full
 network), `trunk_timm.safetensors` (timm ViT) and `export_config.json` (the config, the channel order the
@@ -93,7 +94,8 @@ def to_reference_state_dict(params: Mapping, config: DualProtoSegConfig,
   final_norm = None
   if 'visual.trunk.norm.weight' in original:
     final_norm = {'weight': original['visual.trunk.norm.weight'], 'bias': original['visual.trunk.norm.bias']}
-  towers = {f'visual.trunk.{k}': v for k, v in to_torch.trunk_to_timm(params['trunk'], config.vit, final_norm).items()}
+  trunk = to_torch.trunk_to_timm(params['trunk'], config.vit, final_norm)
+  towers = {f'visual.trunk.{k}': v for k, v in trunk.items()}
   towers.update({f'text.{k}': v for k, v in to_torch.text_to_open_clip(
       params['text_encoder'], config.text, params['prompt_learner']['ctx']).items()})
   for key, value in original.items():  # CoCa parts the Flax model does not hold
@@ -129,8 +131,8 @@ def write(config: ml_collections.ConfigDict, model_config: DualProtoSegConfig, p
   paths = {'model': os.path.join(out_dir, 'dualprotoseg.safetensors'),
            'trunk': os.path.join(out_dir, 'trunk_timm.safetensors'),
            'config': os.path.join(out_dir, 'export_config.json')}
-  full = with_reference_aliases(to_reference_state_dict(params, model_config, original), initial_text_features,
-                                model_config.num_classes)
+  full = with_reference_aliases(to_reference_state_dict(params, model_config, original),
+                                initial_text_features, model_config.num_classes)
   trunk_prefix = MODEL_PREFIX + 'visual.trunk.'
   trunk = {key[len(trunk_prefix):]: value for key, value in full.items() if key.startswith(trunk_prefix)}
   trunk = {key: value for key, value in trunk.items() if not key.startswith(('head.', 'fc_norm.'))}

@@ -1,4 +1,5 @@
-"""DualProtoSeg behind the core's `Method` interface: model, prompts, parameters, data, scores, metrics, export.
+"""DualProtoSeg behind the core's `Method` interface: model, prompts, parameters, data, scores, metrics,
+export.
 
 Shapes: B batch, S tile size, C tissue classes, M prompts per class, P = 2·C·M prototypes, K = C + 1 mask
 values (background last).
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from protoseg_jax import config_base, metrics as metrics_lib, ops, tokenizer as tokenizer_lib, train_state
+from protoseg_jax import config_base, metrics as metrics_lib, ops, tokenizer as tokenizer_lib
 from protoseg_jax.convert import pretrained
 from protoseg_jax.data import bcss, grain_pipeline, input_pipeline, tile_sets
 from protoseg_jax.errors import ConfigError, DatasetError
@@ -81,7 +82,7 @@ def set_prompt_context(config: ml_collections.ConfigDict, model: DualProtoSeg, p
 
 
 class DualProtoSegMethod(Method):
-  """DualProtoSeg (weakly supervised, image-level labels): see `protoseg_jax/methods/dualprotoseg/model.py`."""
+  """DualProtoSeg (weakly supervised, image-level labels); the network: `methods/dualprotoseg/model.py`."""
 
   name = 'dualprotoseg'
   frozen_collections = ('trunk', 'text_encoder')
@@ -138,7 +139,8 @@ class DualProtoSegMethod(Method):
     return optimizer, {'learning_rate': schedule}
 
   def train_step_fn(self, optimizer, schedules):
-    return train.train_step_fn(self.model, self.config, self.prompt_ids, optimizer, schedules['learning_rate'])
+    return train.train_step_fn(self.model, self.config, self.prompt_ids, optimizer,
+                               schedules['learning_rate'])
 
   # --- data ----------------------------------------------------------------------------------------
   @functools.cached_property
@@ -317,7 +319,7 @@ class DualProtoSegMethod(Method):
     num_classes, group = self.model_config.num_classes, 2 * self.model_config.prompts_per_class
 
     def map_fn(params, extra, bank, images, labels):
-      predicted = jnp.argmax(scores_fn(params, extra, bank, images, jnp.ones_like(labels)), axis=-1)
+      predicted = jnp.argmax(scores_fn(params, extra, bank, images, labels), axis=-1)
       variables = {'params': params}
       features = model.apply(variables, train.model_input(images, data), level,
                              method=DualProtoSeg.level_features)
@@ -361,8 +363,8 @@ class DualProtoSegMethod(Method):
     original = None
     if backbone.source == 'conch':
       original = torch_files.load_state_dict(backbone.path, backbone.get('checkpoint_key', ''))
-    return export_lib.write(self.config, self.model_config, params, self.initial_text_features(params), out_dir,
-                            original)
+    return export_lib.write(self.config, self.model_config, params, self.initial_text_features(params),
+                            out_dir, original)
 
   def bench_workloads(self, what: Sequence[str], batch_size: Optional[int] = None) -> list[Workload]:
     from protoseg_jax.methods.dualprotoseg import bench  # pylint: disable=g-import-not-at-top

@@ -30,7 +30,8 @@ def workloads(method, what: Sequence[str], batch_size: Optional[int] = None) -> 
     unlabelled = config.train.unlabelled_batch_size if method.variant != 'supervised' else 0
     trainable_shape, _ = method.split_params(params_shape)
     optimizer, schedules = method.optimizer(trainable_shape, 1000)
-    step = jax.jit(train_state.guard_nonfinite(method.train_step_fn(optimizer, schedules)), donate_argnums=(0,))
+    step = jax.jit(train_state.guard_nonfinite(method.train_step_fn(optimizer, schedules)),
+                   donate_argnums=(0,))
     state_shape = train_state.abstract_train_state(method, optimizer, key)
     batch_shape = {'x': jax.ShapeDtypeStruct((labelled, window, window, 3), jnp.uint8),
                    'y': jax.ShapeDtypeStruct((labelled, window, window), jnp.uint8)}
@@ -45,8 +46,8 @@ def workloads(method, what: Sequence[str], batch_size: Optional[int] = None) -> 
       if unlabelled:
         batch.update(u=rng.integers(0, 256, (unlabelled, window, window, 3), np.uint8),
                      u_ignore=np.zeros((unlabelled, window, window), np.uint8))
-      return (train_state.create_train_state(params, extra, optimizer, method), jax.tree.map(jnp.asarray, batch),
-              jax.random.key(1))
+      state = train_state.create_train_state(params, extra, optimizer, method)
+      return state, jax.tree.map(jnp.asarray, batch), jax.random.key(1)
 
     rows.append(Workload(f'MPAMatch train ({method.variant}, {labelled} + {unlabelled})', step,
                          (state_shape, batch_shape, jax.eval_shape(lambda: jax.random.key(0))), train_args,

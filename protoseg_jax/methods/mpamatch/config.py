@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'val'           # validated during training (never the test set)
   config.data.test_split = 'test'
   config.data.decode_threads = 8           # threads decoding evaluation / predict images
-  config.data.mpp = 0.62                   # µm/px the model works at (GlaS: 20x, 0.62 µm/px); slides
+  config.data.mpp = 0.62005                # µm/px the model works at (GlaS: 20x); --mode=slides
   config.data.grain = ml_collections.ConfigDict()
   config.data.grain.read_threads = 2       # Grain threads computing training batches ahead of the device
   config.data.grain.prefetch_buffer_size = 4

@@ -60,7 +60,8 @@ def to_torch_state_dict(params: Mapping, batch_stats: Mapping, config: Segmenter
   out.update({f'text_encoder.{key}': value
               for key, value in to_torch.text_to_open_clip(params['text_encoder'], config.text).items()})
   out['prompt_learner.ctx'] = np.asarray(params['prompt_learner']['ctx'], np.float32)
-  out['text_adapter.weight'] = np.ascontiguousarray(np.asarray(params['text_adapter']['kernel'], np.float32).T)
+  adapter = np.asarray(params['text_adapter']['kernel'], np.float32)
+  out['text_adapter.weight'] = np.ascontiguousarray(adapter.T)
   out['text_adapter.bias'] = np.asarray(params['text_adapter']['bias'], np.float32)
   return out
 

@@ -132,7 +132,8 @@ class MPAMatchMethod(Method):
     train_config, data = self.config.train, self.config.data
     splits, split, path = self._dataset(workdir)
     need_unlabelled = self.variant != 'supervised'
-    batches = data_lib.load_train_batches(data, train_config, splits, split, self.config.seed, need_unlabelled)
+    batches = data_lib.load_train_batches(data, train_config, splits, split, self.config.seed,
+                                          need_unlabelled)
     logging.info('split %s: %d labelled, %d unlabelled; variant %s', path, len(split['labelled']),
                  len(split['unlabelled']), self.variant)
     images = train_config.labelled_batch_size + (train_config.unlabelled_batch_size if need_unlabelled else 0)
@@ -143,7 +144,8 @@ class MPAMatchMethod(Method):
 
     return TrainData(num_examples=len(split['labelled']) + len(split['unlabelled']), steps_per_epoch=None,
                      images_per_step=images, host_rows=False,
-                     make_iterator=lambda state: input_pipeline.TrainIterator(build, options.worker_count, state))
+                     make_iterator=lambda state: input_pipeline.TrainIterator(build, options.worker_count,
+                                                                              state))
 
   def eval_set(self, workdir: str, split: str, process_index: int, process_count: int) -> EvalSet:
     del process_index, process_count
