@@ -56,3 +56,8 @@ def test_demo_model_segments_a_folder_of_slides(tmp_path):
   assert mask.dtype == np.uint8 and mask.max() <= 4
   second = run_main(*args)
   assert second.returncode == 4 and 'already complete' in second.stdout + second.stderr
+  # A model whose µm/px is unknown (the EBHI / KPI presets) is refused in one line, before any reading.
+  unknown = run_main(*args, '--config.data.mpp=0.0')
+  assert unknown.returncode == 2 and 'Traceback' not in unknown.stderr       # errors.EXIT_USER_ERROR
+  assert ('config.data.mpp=0.0: the µm/px this model works at is not known for this dataset; set '
+          '--config.data.mpp (slides are read at that resolution)') in unknown.stderr
