@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from protoseg_jax import costs, registry
+from protoseg_jax import costs, logs, registry
 from protoseg_jax.method import Method, Workload
 
 WHAT = ('train', 'inference', 'tta', 'pipeline', 'slides')
@@ -204,6 +204,7 @@ def main(argv, cli: dict):
 
 
 if __name__ == '__main__':
+  logs.quiet_library_info()  # before the flags: loading a config may already start JAX
   CLI = _define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(functools.partial(main, cli=CLI))

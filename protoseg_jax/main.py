@@ -34,7 +34,7 @@ from typing import Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from protoseg_jax import errors
+from protoseg_jax import errors, logs
 
 MODES = ('train', 'eval', 'predict', 'export', 'slides', 'query', 'prototypes')
 
@@ -74,22 +74,13 @@ class Options:
                crf=_CRF.value, texts=tuple(_TEXT.value or ()))
 
 
-def _quiet_library_info(record: py_logging.LogRecord) -> bool:
-  """Drops Orbax's per-save INFO chatter from the console and log file (warnings and errors stay)."""
-  return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def _set_up_logging(workdir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
-  # Backends are initialised before the INFO handler is on, so JAX's probing of absent platforms (e.g.
-  # "Unable to initialize backend 'tpu'" on a CPU or GPU machine) stays out of the console and the log.
-  jax.devices()
   log_name = 'log' if jax.process_count() == 1 else f'log.process{jax.process_index()}'
   logging.get_absl_handler().use_absl_log_file(log_name, workdir)
   logging.set_stderrthreshold('info')
   py_logging.getLogger('absl').setLevel(py_logging.INFO)
-  logging.get_absl_handler().addFilter(_quiet_library_info)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -384,6 +375,7 @@ def parse_flags(argv):
 
 
 def entry_point():
+  logs.quiet_library_info()  # before the flags: loading a config may already start JAX
   app.run(main, flags_parser=parse_flags)
 
 

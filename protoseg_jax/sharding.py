@@ -577,4 +577,6 @@ if __name__ == '__main__':
   _MESHES = flags.DEFINE_list('meshes', ['1x1x1', '8x1x1', '1x8x1', '2x4x1', '2x1x4', '1x1x8'],
                               'Mesh shapes DATAxFSDPxTENSOR, one table row each; the last is described.')
   flags.mark_flags_as_required(['config'])
+  from protoseg_jax import logs  # pylint: disable=g-import-not-at-top
+  logs.quiet_library_info()
   app.run(_main)

@@ -15,10 +15,13 @@ from conftest import TINY_CONFIG_PATH
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_main(*args, check=True):
+def run_main(*args, check=True, platforms='cpu'):
+  """`platforms=None` leaves JAX_PLATFORMS unset, as a user's shell does (JAX then probes every platform)."""
+  env = {key: value for key, value in os.environ.items() if key != 'JAX_PLATFORMS'}
+  if platforms:
+    env['JAX_PLATFORMS'] = platforms
   result = subprocess.run([sys.executable, '-m', 'protoseg_jax.main', f'--config={TINY_CONFIG_PATH}', *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
   if check and result.returncode != 0:
     raise AssertionError(f'exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}')
   return result
@@ -37,7 +40,7 @@ def one_line_error(result, *fragments):
 @pytest.fixture(scope='module')
 def trained_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
-  result = run_main(f'--workdir={workdir}')
+  result = run_main(f'--workdir={workdir}', platforms=None)
   return workdir, result
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from protoseg_jax import metrics as metrics_lib
+from protoseg_jax import logs, metrics as metrics_lib
 from protoseg_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file with get_config().',
@@ -52,4 +52,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  logs.quiet_library_info()
   app.run(main)
