@@ -127,4 +127,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from protoseg_jax import logs  # pylint: disable=g-import-not-at-top
+  logs.quiet_library_info()
   app.run(main)
