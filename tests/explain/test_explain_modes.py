@@ -75,9 +75,9 @@ def jitted(fn):
 
 
 def reference_maps(method, params, extra, bank, image: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
-  """The method's maps resized (float64 bilinear, align_corners=True) to 32 px, windows averaged."""
+  """The method's maps resized (float64 bilinear, align_corners=True) to its tile size, windows averaged."""
   query = jitted(method.query_fn())
-  size = 32
+  size = method.config.data.image_size
   height, width = image.shape[:2]
   total, weight = np.zeros((height, width, len(token_ids))), np.zeros((height, width, 1))
   starts = lambda n: sorted({*range(0, n - size + 1, size), n - size})
