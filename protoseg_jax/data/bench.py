@@ -20,19 +20,24 @@ from absl import app, flags
 
 from protoseg_jax.data import bcss, convert, grain_pipeline, input_pipeline, records, synthetic, tile_sets
 
-_FOLDER = flags.DEFINE_string('folder', None, 'BCSS-WSSS folder (written there with --synthetic_train > 0).')
-_RECORDS = flags.DEFINE_string('records', None, 'Converted records (default <folder>_records; converted '
-                               'from --folder if absent).')
-_SYNTHETIC_TRAIN = flags.DEFINE_integer('synthetic_train', 0, 'Write a synthetic set with this many '
-                                        'training tiles to --folder first.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Tile size.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Batch size.')
-_BATCHES = flags.DEFINE_integer('batches', 8, 'Timed batches per pipeline (after one warm-up batch).')
-_THREADS = flags.DEFINE_list('threads', ['1', str(os.cpu_count() or 1)], 'Decode thread counts to time.')
-_WORKERS = flags.DEFINE_list('workers', ['2'],
-                             'Grain worker-process counts to time (records, 1 thread each).')
-_AUGMENT_ON = flags.DEFINE_list('augment_on', ['host'], "'host' = decode + flips/rot90 + normalise on the "
-                                "host; 'device' = decode only (uint8 out).")
+def _define_flags() -> dict:
+  """The CLI's flags, defined only when run as a program (the module is also imported as a library)."""
+  return {
+      'folder': flags.DEFINE_string('folder', None, 'BCSS-WSSS folder (written there with '
+                                    '--synthetic_train > 0).'),
+      'records': flags.DEFINE_string('records', None, 'Converted records (default <folder>_records; '
+                                     'converted from --folder if absent).'),
+      'synthetic_train': flags.DEFINE_integer('synthetic_train', 0, 'Write a synthetic set with this many '
+                                              'training tiles to --folder first.'),
+      'image_size': flags.DEFINE_integer('image_size', 224, 'Tile size.'),
+      'batch_size': flags.DEFINE_integer('batch_size', 32, 'Batch size.'),
+      'batches': flags.DEFINE_integer('batches', 8, 'Timed batches per pipeline (after one warm-up batch).'),
+      'threads': flags.DEFINE_list('threads', ['1', str(os.cpu_count() or 1)], 'Decode thread counts to time.'),
+      'workers': flags.DEFINE_list('workers', ['2'], 'Grain worker-process counts to time (records, 1 thread '
+                                   'each).'),
+      'augment_on': flags.DEFINE_list('augment_on', ['host'], "'host' = decode + flips/rot90 + normalise on "
+                                      "the host; 'device' = decode only (uint8 out)."),
+  }
 
 
 def _cpu_seconds(include_children: bool) -> Optional[float]:
@@ -88,26 +93,26 @@ def time_pipeline(config: ml_collections.ConfigDict, root: str, batch_size: int,
   return images / wall, per_cpu
 
 
-def main(argv):
+def main(argv, cli: dict):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  folder = _FOLDER.value
+  folder = cli['folder'].value
   if not folder:
     raise app.UsageError('--folder is required')
-  if _SYNTHETIC_TRAIN.value > 0:
-    synthetic.write_bcss_layout(folder, num_train=_SYNTHETIC_TRAIN.value, num_val=0, num_test=0,
-                                size=_IMAGE_SIZE.value, seed=0)
-  records_root = _RECORDS.value or folder.rstrip('/') + '_records'
+  if cli['synthetic_train'].value > 0:
+    synthetic.write_bcss_layout(folder, num_train=cli['synthetic_train'].value, num_val=0, num_test=0,
+                                size=cli['image_size'].value, seed=0)
+  records_root = cli['records'].value or folder.rstrip('/') + '_records'
   if not records.is_records_dir(records_root):
     convert.convert_dataset(folder, records_root, splits=('train',))
-  base = data_config(_IMAGE_SIZE.value)
-  batches = _BATCHES.value
-  needed = (batches + 1) * _BATCH_SIZE.value
+  base = data_config(cli['image_size'].value)
+  batches = cli['batches'].value
+  needed = (batches + 1) * cli['batch_size'].value
   rows = []
-  for augment_on in _AUGMENT_ON.value:
-    runs = [('records (Grain)', 'records', threads, 0) for threads in map(int, _THREADS.value)]
-    runs += [('records (Grain)', 'records', 1, workers) for workers in map(int, _WORKERS.value)]
-    runs += [('loose PNG', 'folder', threads, 0) for threads in map(int, _THREADS.value)]
+  for augment_on in cli['augment_on'].value:
+    runs = [('records (Grain)', 'records', threads, 0) for threads in map(int, cli['threads'].value)]
+    runs += [('records (Grain)', 'records', 1, workers) for workers in map(int, cli['workers'].value)]
+    runs += [('loose PNG', 'folder', threads, 0) for threads in map(int, cli['threads'].value)]
     for name, kind, threads, workers in runs:
       config = base.copy_and_resolve_references()
       config.kind, config.augment_on = kind, augment_on
@@ -115,10 +120,11 @@ def main(argv):
       config.grain.update(read_threads=threads, prefetch_buffer_size=max(2 * threads, 2),
                           worker_count=workers)
       root = records_root if kind == 'records' else folder
-      wall, per_cpu = time_pipeline(config, root, _BATCH_SIZE.value, batches, workers)
+      wall, per_cpu = time_pipeline(config, root, cli['batch_size'].value, batches, workers)
       rows.append((name, augment_on, threads, workers, wall, per_cpu))
-  print(f'{needed} tiles of {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} per pipeline ({_BATCH_SIZE.value} x '
-        f'{batches} timed + 1 warm-up batch), {os.cpu_count()} CPU cores visible')
+  size, batch_size = cli['image_size'].value, cli['batch_size'].value
+  print(f'{needed} tiles of {size}x{size} per pipeline ({batch_size} x {batches} timed + 1 warm-up batch), '
+        f'{os.cpu_count()} CPU cores visible')
   print('| pipeline | augment on | threads | workers | img/s | img/s per core |')
   print('| --- | --- | --- | --- | --- | --- |')
   for name, augment_on, threads, workers, wall, per_cpu in rows:
@@ -129,4 +135,5 @@ def main(argv):
 if __name__ == '__main__':
   from protoseg_jax import logs  # pylint: disable=g-import-not-at-top
   logs.quiet_library_info()
-  app.run(main)
+  _CLI = _define_flags()
+  app.run(lambda argv: main(argv, _CLI))
