@@ -59,8 +59,9 @@ def main(argv, cli: dict) -> None:
     if not len(eval_set.masks):
       raise errors.DatasetError(f'split {split!r} has no tiles')
     if np.any(np.asarray(eval_set.labels) < 0):
-      raise errors.DatasetError(f'split {split!r} of method {config.method!r} has no image-level labels: '
-                                'the first-present-class baseline needs them')
+      method_name = config.get('method', '')
+      raise errors.DatasetError(f'split {split!r} of method {method_name!r} has no image-level labels: the '
+                                'first-present-class baseline needs them')
     result = first_present_metrics(method, eval_set)
   except (errors.UserError, FileNotFoundError) as error:
     print(f'error: {error}', file=sys.stderr)
