@@ -91,7 +91,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   config.checkpoint.resume = True          # False = refuse to start when the workdir holds checkpoints
   config.checkpoint.allow_config_change = False  # True = resume although run-defining keys changed
 
-  # --- device mesh (protoseg_jax/sharding.py) ------------------------------------------------------
+  # --- device mesh (protoseg_jax/sharding/) --------------------------------------------------------
   # Axis sizes; -1 = the devices that remain. The batch is split over data x fsdp; fsdp also splits the
   # parameters and optimizer state; tensor splits heads / MLP / conv output channels.
   config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from protoseg_jax import inference, ops, predict, sharding
+from protoseg_jax import inference, ops, predict, prefetch, sharding
 from protoseg_jax.data import images as images_lib
 from protoseg_jax.errors import ConfigError, DatasetError
 from protoseg_jax.explain import page as page_lib, prototype_map as prototype_map_lib, topk
@@ -157,8 +157,8 @@ def run_query(method, config, evaluator, params, extra, request: QueryRequest, i
     kept: dict[int, np.ndarray] = {}
 
     def stream() -> Iterator[np.ndarray]:
-      for index, image in enumerate(predict.prefetched(images_lib.read_image, images,
-                                                       config.data.get('decode_threads', 4))):
+      for index, image in enumerate(prefetch.prefetched(images_lib.read_image, images,
+                                                        config.data.get('decode_threads', 4))):
         kept[index] = image
         yield image
 
@@ -209,50 +209,15 @@ def query_slide(path: str, call: Callable[[np.ndarray], np.ndarray], *, config_s
   """Streams the tissue tiles of a slide through `call` (`[B, S, S, 3] -> [B, S, S, Q]`) as `--mode=slides`
   does (level choice, tissue detection, tile selection, overlap, Gaussian / mean blending and the glass gate
   at mask resolution, all from `config.slides`), with similarity maps in place of class scores."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
-
   # pylint: disable=g-import-not-at-top
-  from protoseg_jax.slides import config as slides_config, reader, stitch, tissue as tissue_lib
+  from protoseg_jax.slides import config as slides_config, reader, stitch, tiles as tiles_lib
   # pylint: enable=g-import-not-at-top
   c = config_slides
   _, stride = slides_config.check(c, tile_size)
   d = int(c.mask_downsample)
   with reader.open_slide(path, c.reader, c.slide_mpp, c.decode_cache_mb) as slide:
-    level0 = slide.levels[0]
-    level = reader.choose_level(slide.levels, model_mpp, c.mpp_tolerance)
-    factor = model_mpp / slide.levels[level].mpp                  # level pixels per model pixel
-    to_level0 = model_mpp / slide.mpp                             # level-0 pixels per model pixel
-    grid = stitch.Grid(max(1, math.ceil(level0.width / to_level0)),
-                       max(1, math.ceil(level0.height / to_level0)), tile_size, stride, d)
-    thumb, thumb_scale = reader.read_thumbnail(slide, c.tissue_mpp)
-    min_object_px = int(c.tissue_min_area_um2 / (thumb_scale * slide.mpp) ** 2)
-    tissue_map, tissue_threshold = tissue_lib.tissue_mask(thumb, c.tissue_method, c.tissue_threshold,
-                                                          c.tissue_min_threshold, min_object_px)
-    per_thumb = to_level0 / thumb_scale                            # thumbnail pixels per model pixel
-    positions = []
-    for row in range(grid.rows):
-      for col in range(grid.cols):
-        x, y = grid.origin(row, col)
-        box = (x * per_thumb, y * per_thumb, (x + tile_size) * per_thumb, (y + tile_size) * per_thumb)
-        if c.tissue_method == 'none' or tissue_lib.fraction_in_box(tissue_map, box) >= c.min_tissue_fraction:
-          positions.append((row, col))
-    gated = c.tissue_method != 'none'
-
-    def read_tile(position):
-      row, col = position
-      x, y = grid.origin(row, col)
-      box = (x * factor, y * factor, (x + tile_size) * factor, (y + tile_size) * factor)
-      image = reader.read_resampled(slide, level, box, (tile_size, tile_size))
-      fraction = None
-      if gated:
-        fraction = stitch.block_mean((tissue_lib.tissue_measure(image, c.tissue_method) > tissue_threshold)
-                                     .astype(np.float32), d)
-      return position, image, fraction
-
-    coarse = ndimage.binary_dilation(tissue_map, np.ones((3, 3), bool)) if gated else tissue_map
-    thumb_per_mask = d * per_thumb
-    tx = np.minimum(((np.arange(grid.mask_width) + 0.5) * thumb_per_mask).astype(np.int64),
-                    tissue_map.shape[1] - 1)
+    plan = tiles_lib.plan_tiles(slide, c, model_mpp, tile_size, stride)
+    grid, positions, gate = plan.grid, plan.positions, tiles_lib.MaskGate(plan)
     block = max(1, math.ceil(max(grid.mask_width, grid.mask_height) / max(int(max_px), 1)))
     out_h, out_w = math.ceil(grid.mask_height / block), math.ceil(grid.mask_width / block)
     heat_sum = np.zeros((out_h, out_w, num_phrases), np.float64)
@@ -268,9 +233,7 @@ def query_slide(path: str, call: Callable[[np.ndarray], np.ndarray], *, config_s
       nonlocal maximum, count
       blended = held.pop(y0)
       height = labels.shape[0]
-      rows = np.minimum(((np.arange(y0, y0 + height) + 0.5) * thumb_per_mask).astype(np.int64),
-                        tissue_map.shape[0] - 1)
-      keep = coarse[rows[:, None], tx[None, :]] & (labels != _EMPTY)
+      keep = gate.rows(y0, height) & (labels != _EMPTY)
       values = blended[keep].astype(np.float64)                      # [n, Q]
       if len(values):
         maximum = np.maximum(maximum, values.max(axis=0))
@@ -286,10 +249,10 @@ def query_slide(path: str, call: Callable[[np.ndarray], np.ndarray], *, config_s
 
     weights = stitch.importance_map(tile_size // d, c.blend, c.gaussian_sigma)
     stitcher = stitch.BandStitcher(grid, num_phrases, weights, emit, _EMPTY, scores_out=scores_out,
-                                   gated=gated)
+                                   gated=plan.gated)
     tiles = np.zeros((batch_size, tile_size, tile_size, 3), np.uint8)
-    stream = predict.prefetched(read_tile, positions, int(c.read_threads),
-                                int(c.read_threads + c.prefetch_batches * batch_size))
+    stream = prefetch.prefetched(plan.read_tile, positions, int(c.read_threads),
+                                 int(c.read_threads + c.prefetch_batches * batch_size))
     start = time.perf_counter()
     for first in range(0, len(positions), batch_size):
       batch = [next(stream) for _ in range(min(batch_size, len(positions) - first))]
@@ -309,7 +272,7 @@ def query_slide(path: str, call: Callable[[np.ndarray], np.ndarray], *, config_s
   nan = np.full(num_phrases, np.nan)
   stats = {'max': maximum if count else nan, 'mean': total / count if count else nan,
            'fraction_above': above / count if count else nan, 'tissue_pixels': np.int64(count)}
-  info = {'slide_mpp': slide.mpp, 'model_mpp': model_mpp, 'slide_level': level, 'mask_mpp': mask_mpp,
+  info = {'slide_mpp': slide.mpp, 'model_mpp': model_mpp, 'slide_level': plan.level, 'mask_mpp': mask_mpp,
           'mask_size': [grid.mask_width, grid.mask_height], 'heatmap_mpp': mask_mpp * block,
           'heatmap_size': [out_w, out_h], 'tiles': len(positions), 'tiles_total': grid.rows * grid.cols,
           'tissue_mm2': float(count * (mask_mpp / 1000.0) ** 2), 'model_seconds': seconds}
@@ -343,54 +306,6 @@ def _query_one_slide(path, call, batch_size, method, config, request, out_dir, m
 # -------------------------------------------------------------------------------------- prototype maps
 
 
-def pasted_windows(map_call: Callable[[np.ndarray, np.ndarray], np.ndarray], images: Iterator[np.ndarray],
-                   labels: np.ndarray, window: int, stride: int,
-                   batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-  """`(index, [H, W] int32)` per image, in order: `map_call(windows [B, S, S, 3], labels [B, C]) -> [B, S, S]`
-  on the windows of `inference.window_starts`, each window's map pasted over the earlier ones (no blending;
-  an image smaller than a window is zero-padded and cut back)."""
-  pending: dict[int, list] = {}
-  windows, window_labels, where = [], [], []
-
-  def flush() -> Iterator[tuple[int, np.ndarray]]:
-    count = len(windows)
-    stacked = np.stack(windows + [windows[0]] * (batch_size - count))
-    stacked_labels = np.stack(window_labels + [window_labels[0]] * (batch_size - count))
-    maps = np.asarray(map_call(stacked, stacked_labels))[:count]
-    for (index, y, x), window_map in zip(where, maps):
-      entry = pending[index]
-      entry[0][y:y + window, x:x + window] = window_map
-      entry[1] -= 1
-    windows.clear()
-    window_labels.clear()
-    where.clear()
-    for index in sorted(pending):
-      canvas, remaining, (height, width) = pending[index]
-      if remaining:
-        break
-      yield index, canvas[:height, :width]
-      del pending[index]
-
-  for index, image in enumerate(images):
-    height, width = image.shape[:2]
-    canvas = image
-    if height < window or width < window:
-      canvas = np.zeros((max(height, window), max(width, window), 3), np.uint8)
-      canvas[:height, :width] = image
-    corners = [(y, x) for y in inference.window_starts(canvas.shape[0], window, stride)
-               for x in inference.window_starts(canvas.shape[1], window, stride)]
-    pending[index] = [np.full(canvas.shape[:2], prototype_map_lib.BACKGROUND, np.int32), len(corners),
-                      (height, width)]
-    for y, x in corners:
-      windows.append(np.ascontiguousarray(canvas[y:y + window, x:x + window]))
-      window_labels.append(np.asarray(labels[index], np.int32))
-      where.append((index, y, x))
-      if len(windows) == batch_size:
-        yield from flush()
-  if windows:
-    yield from flush()
-
-
 def prototype_map_call(method, evaluator, params, extra, context: str) -> Callable:
   """`(windows uint8 [B, S, S, 3], labels [B, C]) -> [B, S, S]` int32 NumPy on the mesh."""
   jitted = evaluator.jit_batch_fn(method.prototype_map_fn(context), batch=2)
@@ -403,8 +318,8 @@ def prototype_map_call(method, evaluator, params, extra, context: str) -> Callab
   return call
 
 
-def write_prototype_maps(method, config, evaluator, params, extra, paths: Sequence[str], labels: np.ndarray,
-                         output_dir: str, write: bool = True) -> str:
+def write_prototype_maps(method, config, evaluator, params, extra, paths: Sequence[str], output_dir: str,
+                         write: bool = True) -> str:
   """predict's prototype maps: `<out>/prototype_maps/<stem>.png` (palette index = prototype, 255 =
   background) and `prototype_legend.{png,json}`; windows every `config.eval.stride` pasted. -> the folder."""
   infos = method.prototype_infos()
@@ -413,10 +328,12 @@ def write_prototype_maps(method, config, evaluator, params, extra, paths: Sequen
   if write:
     prototype_map_lib.write_legend(folder, infos)
   size = config.data.image_size
+  labels = np.stack([method.image_labels(path) for path in paths])     # as predict's masks are gated
   call = prototype_map_call(method, evaluator, params, extra, 'predict')
-  images = predict.prefetched(images_lib.read_image, paths, config.data.get('decode_threads', 4))
-  for index, proto_map in pasted_windows(call, images, labels, size, config.eval.get('stride', 0) or size,
-                                         config.eval.batch_size):
+  images = prefetch.prefetched(images_lib.read_image, paths, config.data.get('decode_threads', 4))
+  stride = config.eval.get('stride', 0) or size
+  for index, proto_map in inference.pasted_maps(call, images, labels, size, stride, config.eval.batch_size,
+                                                prototype_map_lib.BACKGROUND):
     if write:
       stem = os.path.splitext(os.path.basename(paths[index]))[0]
       prototype_map_lib.write_prototype_map_png(os.path.join(folder, stem + '.png'), proto_map, palette)
@@ -485,7 +402,7 @@ def topk_pass(method, config, evaluator, params, extra, source, class_of: np.nda
     rows.clear()
 
   start = time.perf_counter()
-  loaded = predict.prefetched(source.read, list(range(len(source))), config.data.get('decode_threads', 4))
+  loaded = prefetch.prefetched(source.read, list(range(len(source))), config.data.get('decode_threads', 4))
   for index, (image, label) in enumerate(loaded):
     label = np.asarray(label, np.int32).reshape(-1)
     num_labels = num_labels or max(len(label), 1)
@@ -530,8 +447,9 @@ def count_eval_wins(method, config, evaluator, params, extra, eval_set, num_prot
       wins += np.asarray(jax.device_get(value), np.int64)
     return wins
   call = prototype_map_call(method, evaluator, params, extra, 'eval')
-  for _, proto_map in pasted_windows(call, iter(eval_set.images), eval_set.labels, size,
-                                     config.eval.get('stride', 0) or size, batch_size):
+  for _, proto_map in inference.pasted_maps(call, eval_set.images, eval_set.labels, size,
+                                            config.eval.get('stride', 0) or size, batch_size,
+                                            prototype_map_lib.BACKGROUND):
     values = proto_map[(proto_map >= 0) & (proto_map < num_prototypes)]
     wins += np.bincount(values.ravel(), minlength=num_prototypes)[:num_prototypes]
   return wins

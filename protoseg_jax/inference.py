@@ -3,14 +3,15 @@
 The model side is `scores_call(windows uint8 [B, S, S, 3], labels int32 [B, C]) -> [B, S, S, K]` (B fixed:
 the last batch is padded, so it compiles once). Each image is cut into S x S windows every `stride` pixels
 (the last flush with the border; an image smaller than a window is zero-padded), windows of consecutive
-images share batches, and each image's scores are the (optionally weighted) mean of its windows' scores.
-Used by evaluation (images larger than a tile), predict and the slide path.
+images share batches, and each image's scores are the (optionally weighted) mean of its windows' scores
+(`stitched_scores`; evaluation of images larger than a tile, predict, queries) or its windows' integer maps
+pasted in order (`pasted_maps`; prototype maps).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -41,16 +42,67 @@ def resize_scores(scores: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
 
 @dataclasses.dataclass
 class _Pending:
-  """One image being stitched: its score sum and weight sum over the padded canvas."""
+  """One image being assembled: its canvas state (made from its first window's output) and the windows
+  still to come."""
 
-  index: int
   shape: tuple[int, int]
   remaining: int
-  total: Optional[np.ndarray] = None
-  weight: Optional[np.ndarray] = None
+  state: Any = None
 
 
-def stitched_scores(scores_call: Callable[[np.ndarray, np.ndarray], np.ndarray], images: Sequence[np.ndarray],
+def _windowed(call: Callable[[np.ndarray, np.ndarray], np.ndarray], images: Iterable[np.ndarray],
+              labels: np.ndarray, window: int, stride: int, batch_size: int,
+              new_state: Callable[[tuple[int, int], np.ndarray], Any],
+              add: Callable[[Any, int, int, np.ndarray], None],
+              finish: Callable[[Any, int, int], np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+  """The windows of every image (zero-padded to a window if smaller) in batches of exactly `batch_size`
+  through `call`; each image's outputs go into a state (`new_state(canvas_hw, first output)`,
+  `add(state, y, x, output)`), and `(index, finish(state, height, width))` is yielded in image order as
+  soon as the image is complete."""
+  pending: dict[int, _Pending] = {}
+  batch_windows, batch_labels, batch_where = [], [], []
+
+  def flush() -> Iterator[tuple[int, np.ndarray]]:
+    count = len(batch_windows)
+    windows = np.stack(batch_windows + [batch_windows[0]] * (batch_size - count))
+    window_labels = np.stack(batch_labels + [batch_labels[0]] * (batch_size - count))
+    outputs = np.asarray(call(windows, window_labels))[:count]
+    for (index, y, x), output in zip(batch_where, outputs):
+      entry = pending[index]
+      if entry.state is None:
+        entry.state = new_state((max(entry.shape[0], window), max(entry.shape[1], window)), output)
+      add(entry.state, y, x, output)
+      entry.remaining -= 1
+    batch_windows.clear()
+    batch_labels.clear()
+    batch_where.clear()
+    for index in sorted(pending):
+      entry = pending[index]
+      if entry.remaining:
+        break
+      yield index, finish(entry.state, *entry.shape)
+      del pending[index]
+
+  for index, image in enumerate(images):
+    height, width = image.shape[:2]
+    canvas = image
+    if height < window or width < window:
+      canvas = np.zeros((max(height, window), max(width, window), 3), np.uint8)
+      canvas[:height, :width] = image
+    corners = [(y, x) for y in window_starts(canvas.shape[0], window, stride)
+               for x in window_starts(canvas.shape[1], window, stride)]
+    pending[index] = _Pending((height, width), len(corners))
+    for y, x in corners:
+      batch_windows.append(np.ascontiguousarray(canvas[y:y + window, x:x + window]))
+      batch_labels.append(np.asarray(labels[index], np.int32))
+      batch_where.append((index, y, x))
+      if len(batch_windows) == batch_size:
+        yield from flush()
+  if batch_windows:
+    yield from flush()
+
+
+def stitched_scores(scores_call: Callable[[np.ndarray, np.ndarray], np.ndarray], images: Iterable[np.ndarray],
                     labels: np.ndarray, window: int, stride: int, batch_size: int,
                     window_weight: Optional[np.ndarray] = None) -> Iterator[tuple[int, np.ndarray]]:
   """Yields `(index, scores [H, W, K] float32)` for every image, in order, as soon as it is complete.
@@ -64,48 +116,35 @@ def stitched_scores(scores_call: Callable[[np.ndarray, np.ndarray], np.ndarray],
   """
   weight = np.ones((window, window), np.float32) if window_weight is None else np.asarray(window_weight,
                                                                                            np.float32)
-  pending: dict[int, _Pending] = {}
-  batch_windows, batch_labels, batch_where = [], [], []
 
-  def flush() -> Iterator[tuple[int, np.ndarray]]:
-    count = len(batch_windows)
-    windows = np.stack(batch_windows + [batch_windows[0]] * (batch_size - count))
-    window_labels = np.stack(batch_labels + [batch_labels[0]] * (batch_size - count))
-    scores = np.asarray(scores_call(windows, window_labels), np.float32)[:count]
-    for (index, y, x), window_scores in zip(batch_where, scores):
-      entry = pending[index]
-      if entry.total is None:
-        height, width = max(entry.shape[0], window), max(entry.shape[1], window)
-        entry.total = np.zeros((height, width, window_scores.shape[-1]), np.float32)
-        entry.weight = np.zeros((height, width, 1), np.float32)
-      entry.total[y:y + window, x:x + window] += window_scores * weight[..., None]
-      entry.weight[y:y + window, x:x + window, 0] += weight
-      entry.remaining -= 1
-    batch_windows.clear()
-    batch_labels.clear()
-    batch_where.clear()
-    for index in sorted(pending):
-      entry = pending[index]
-      if entry.remaining:
-        break
-      height, width = entry.shape
-      yield index, (entry.total / np.maximum(entry.weight, 1e-12))[:height, :width]
-      del pending[index]
+  def new_state(hw: tuple[int, int], output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(hw + output.shape[-1:], np.float32), np.zeros(hw + (1,), np.float32)
 
-  for index, image in enumerate(images):
-    height, width = image.shape[:2]
-    canvas = image
-    if height < window or width < window:
-      canvas = np.zeros((max(height, window), max(width, window), 3), np.uint8)
-      canvas[:height, :width] = image
-    corners = [(y, x) for y in window_starts(canvas.shape[0], window, stride)
-               for x in window_starts(canvas.shape[1], window, stride)]
-    pending[index] = _Pending(index, (height, width), len(corners))
-    for y, x in corners:
-      batch_windows.append(np.ascontiguousarray(canvas[y:y + window, x:x + window]))
-      batch_labels.append(np.asarray(labels[index], np.int32))
-      batch_where.append((index, y, x))
-      if len(batch_windows) == batch_size:
-        yield from flush()
-  if batch_windows:
-    yield from flush()
+  def add(state, y: int, x: int, output: np.ndarray) -> None:
+    total, weights = state
+    total[y:y + window, x:x + window] += output.astype(np.float32) * weight[..., None]
+    weights[y:y + window, x:x + window, 0] += weight
+
+  def finish(state, height: int, width: int) -> np.ndarray:
+    total, weights = state
+    return (total / np.maximum(weights, 1e-12))[:height, :width]
+
+  return _windowed(scores_call, images, labels, window, stride, batch_size, new_state, add, finish)
+
+
+def pasted_maps(map_call: Callable[[np.ndarray, np.ndarray], np.ndarray], images: Iterable[np.ndarray],
+                labels: np.ndarray, window: int, stride: int, batch_size: int,
+                fill: int) -> Iterator[tuple[int, np.ndarray]]:
+  """`(index, [H, W] int32)` per image, in order: `map_call(windows [B, S, S, 3], labels [B, C]) -> [B, S, S]`
+  on the same windows as `stitched_scores`, each window's map pasted over the earlier ones (no blending;
+  `fill` where no window lands, which the windows' cover leaves nowhere inside the image)."""
+
+  def new_state(hw: tuple[int, int], output: np.ndarray) -> np.ndarray:
+    del output
+    return np.full(hw, fill, np.int32)
+
+  def add(canvas: np.ndarray, y: int, x: int, output: np.ndarray) -> None:
+    canvas[y:y + window, x:x + window] = output
+
+  return _windowed(map_call, images, labels, window, stride, batch_size, new_state, add,
+                   lambda canvas, height, width: canvas[:height, :width])

@@ -177,6 +177,10 @@ def run_predict(method, config, workdir: str, options: Options) -> int:
   evaluator = _evaluator(method, config, mesh, shardings, 'predict')
   count = predict.predict_paths(method, config, evaluator, params, extra, paths, output_dir,
                                 write=sharding.is_primary())
+  if config.predict.get('prototype_map', False):
+    from protoseg_jax import explaining  # pylint: disable=g-import-not-at-top
+    explaining.write_prototype_maps(method, config, evaluator, params, extra, paths, output_dir,
+                                    write=sharding.is_primary())
   print(f'wrote {count} masks and overlays to {output_dir}')
   return errors.EXIT_OK
 

@@ -6,23 +6,21 @@ Each image goes through the method's `scores_fn('predict')` in tiles of `config.
 (sliding windows every `config.eval.stride` pixels, 0 = one tile apart, stitched by the mean), batched
 across images to `config.eval.batch_size` and split over the mesh; every process computes, the primary
 alone writes `<out>/masks/<stem>.png` and `<out>/overlays/<stem>.png`. Images are read on host threads
-ahead of the device. With `config.predict.prototype_map`, also `<out>/prototype_maps/<stem>.png` (the
-winning prototype of each pixel's predicted class, `protoseg_jax.explaining.write_prototype_maps`; images
-larger than a tile: the windows' maps pasted, no blending) and the legend.
+ahead of the device. (`config.predict.prototype_map`'s maps are written after these by the mode, with
+`protoseg_jax.explaining.write_prototype_maps`.)
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import glob
 import logging
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from protoseg_jax import inference
+from protoseg_jax import inference, prefetch
 from protoseg_jax.data import images as images_lib
 from protoseg_jax.errors import DatasetError
 
@@ -45,19 +43,6 @@ def expand_inputs(spec: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> li
   if not paths:
     raise DatasetError(f'input not found: {spec} (no file, folder or glob match)')
   return paths
-
-
-def prefetched(load: Callable[[str], np.ndarray], paths: Sequence[str], threads: int,
-               depth: int = 8) -> Iterator[np.ndarray]:
-  """`load(path)` for every path, in order, computed `depth` ahead on `threads` host threads."""
-  with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
-    futures = [pool.submit(load, path) for path in paths[:depth]]
-    for index in range(len(paths)):
-      image = futures[index].result()
-      if index + depth < len(paths):
-        futures.append(pool.submit(load, paths[index + depth]))
-      futures[index] = None
-      yield image
 
 
 def write_outputs(output_dir: str, stem: str, image: np.ndarray, mask: np.ndarray, palette: np.ndarray,
@@ -87,7 +72,7 @@ def predict_paths(method, config, evaluator, params, extra, paths: Sequence[str]
     return images_lib.read_image(path)
 
   def images() -> Iterator[np.ndarray]:
-    for index, image in enumerate(prefetched(load, paths, config.data.get('decode_threads', 4))):
+    for index, image in enumerate(prefetch.prefetched(load, paths, config.data.get('decode_threads', 4))):
       kept[index] = image
       yield image
 
@@ -99,9 +84,5 @@ def predict_paths(method, config, evaluator, params, extra, paths: Sequence[str]
     if write:
       stem = os.path.splitext(os.path.basename(paths[index]))[0]
       write_outputs(output_dir, stem, image, mask, palette, config.predict.overlay_alpha)
-  if config.predict.get('prototype_map', False):
-    from protoseg_jax import explaining  # pylint: disable=g-import-not-at-top
-    explaining.write_prototype_maps(method, config, evaluator, params, extra, paths, labels, output_dir,
-                                    write)
   logging.info('predicted %d images', len(paths))
   return len(paths)

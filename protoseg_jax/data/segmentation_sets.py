@@ -23,7 +23,6 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
 from typing import Sequence
 
 import ml_collections
@@ -322,17 +321,11 @@ def write_synthetic(root: str, data: ml_collections.ConfigDict) -> str:
   params = {'generator': 'protoseg_jax.mpamatch.synthetic/1', 'num_train': synth.num_train,
             'num_val': synth.num_val, 'num_test': synth.num_test, 'size': synth.render_size,
             'seed': synth.seed, 'foreground_values': list(foreground)}
-  manifest = os.path.join(root, 'synthetic.json')
-  if os.path.isdir(root) and os.listdir(root):
-    if os.path.isfile(manifest):
-      with open(manifest) as handle:
-        if json.load(handle) == params:
-          return root
-    raise DatasetError(f'{root} already holds other data; choose an empty folder or set config.data.root')
+  if synthetic.existing_set(root, params):
+    return root
   palette = np.asarray([(0, 0, 0), (255, 255, 255)] if foreground else
                        [(255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255), (153, 0, 255)], np.uint8)
-  partial = root.rstrip('/') + '.partial'
-  shutil.rmtree(partial, ignore_errors=True)
+  partial = synthetic.fresh_partial(root)
   for split, count in (('train', synth.num_train), ('val', synth.num_val), ('test', synth.num_test)):
     os.makedirs(os.path.join(partial, split, 'images'))
     os.makedirs(os.path.join(partial, split, 'masks'))
@@ -346,12 +339,7 @@ def write_synthetic(root: str, data: ml_collections.ConfigDict) -> str:
       name = f'synth_{split}_{index:05d}.png'
       Image.fromarray(image).save(os.path.join(partial, split, 'images', name))
       images_lib.write_palette_png(os.path.join(partial, split, 'masks', name), mask, palette)
-  with open(os.path.join(partial, 'synthetic.json'), 'w') as handle:
-    json.dump(params, handle)
-  if os.path.isdir(root):
-    os.rmdir(root)
-  os.replace(partial, root)
-  return root
+  return synthetic.publish_set(partial, root, params)
 
 
 def load_eval_set(pairs: Sequence[Pair], data: ml_collections.ConfigDict, threads: int = 4) -> EvalSet:

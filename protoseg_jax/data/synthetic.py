@@ -128,21 +128,45 @@ def _label_text(mask: np.ndarray) -> str:
   return ''.join('1' if (mask == c).any() else '0' for c in range(NUM_TISSUE_CLASSES))
 
 
+def existing_set(root: str, params: dict) -> bool:
+  """Whether `root` already holds the synthetic set of `params` (its `synthetic.json`); False when `root`
+  is absent or empty; a folder holding anything else is refused in one line."""
+  if not (os.path.exists(root) and os.listdir(root)):
+    return False
+  manifest = os.path.join(root, 'synthetic.json')
+  if os.path.isfile(manifest):
+    with open(manifest) as handle:
+      if json.load(handle) == params:
+        return True
+  raise DatasetError(f'{root} already holds other data (a different synthetic set or a real one); '
+                     f'choose an empty folder or set config.data.root')
+
+
+def fresh_partial(root: str) -> str:
+  """An empty `<root>.partial` folder path to write a set into (left-overs of a killed run removed)."""
+  partial = root.rstrip('/') + '.partial'
+  shutil.rmtree(partial, ignore_errors=True)
+  return partial
+
+
+def publish_set(partial: str, root: str, params: dict) -> str:
+  """Writes the manifest into `partial` and moves it to `root` in one rename (`root` absent or empty)."""
+  with open(os.path.join(partial, 'synthetic.json'), 'w') as handle:
+    json.dump(params, handle)
+  if os.path.exists(root):
+    os.rmdir(root)  # empty (checked by `existing_set`)
+  os.replace(partial, root)
+  return root
+
+
 def write_bcss_layout(root: str, num_train: int, num_val: int, num_test: int, size: int = 224,
                       seed: int = 0) -> str:
   """Writes the set under `root` once; an identical existing set is reused, anything else is refused."""
   params = {'generator': 'protoseg_jax.synthetic/1', 'num_train': num_train, 'num_val': num_val,
             'num_test': num_test, 'size': size, 'seed': seed}
-  manifest = os.path.join(root, 'synthetic.json')
-  if os.path.exists(root) and os.listdir(root):
-    if os.path.isfile(manifest):
-      with open(manifest) as handle:
-        if json.load(handle) == params:
-          return root
-    raise DatasetError(f'{root} already holds other data (a different synthetic set or a real one); '
-                       f'choose an empty folder or set config.data.root')
-  partial = root.rstrip('/') + '.partial'
-  shutil.rmtree(partial, ignore_errors=True)
+  if existing_set(root, params):
+    return root
+  partial = fresh_partial(root)
   os.makedirs(os.path.join(partial, 'training'))
   for index in range(num_train):
     rng = _tile_rng(seed, 'train', index)
@@ -158,12 +182,7 @@ def write_bcss_layout(root: str, num_train: int, num_val: int, num_test: int, si
       name = f'synth_{split}_{index:05d}.png'
       Image.fromarray(image).save(os.path.join(partial, split, 'img', name))
       write_palette_png(os.path.join(partial, split, 'mask', name), mask, BCSS_PALETTE)
-  with open(os.path.join(partial, 'synthetic.json'), 'w') as handle:
-    json.dump(params, handle)
-  if os.path.exists(root):
-    os.rmdir(root)  # empty (checked above)
-  os.replace(partial, root)
-  return root
+  return publish_set(partial, root, params)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from flax import linen as nn
 
 from protoseg_jax import sharding
+from protoseg_jax.errors import ConfigError
 from protoseg_jax.models import layers
 from protoseg_jax.models.attention import SelfAttention
 
@@ -119,6 +120,26 @@ def build_prompt_token_ids(phrase_token_ids: Sequence[Sequence[int]], n_ctx: int
                        f'{context_length}; shorten the phrase or reduce n_ctx')
     rows.append(row + [0] * (context_length - len(row)))
   return np.asarray(rows, np.int32)
+
+
+def prompt_token_ids(tokenizer, phrases: Sequence[str], n_ctx: int, context_length: int) -> np.ndarray:
+  """`[N, L]` int32 ids of the CoOp prompts of `phrases` (`build_prompt_token_ids` over `tokenizer.encode`):
+  class prompts and free query phrases are laid out alike."""
+  return build_prompt_token_ids([tokenizer.encode(phrase) for phrase in phrases], n_ctx, tokenizer.bos_id,
+                                tokenizer.eos_id, context_length)
+
+
+def phrase_token_budget(n_ctx: int, context_length: int) -> int:
+  """The most ids a phrase may take in a prompt: the context minus BOS, EOS and the context slots."""
+  return context_length - 2 - n_ctx
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int) -> None:
+  """A tokenizer with more ids than the text tower's embedding table (`config.model.text.vocab_size`) is
+  refused in one line."""
+  vocab = getattr(tokenizer, 'vocab_size', None)
+  if vocab is not None and vocab > vocab_size:
+    raise ConfigError(f'the tokenizer has {vocab} ids but config.model.text.vocab_size is {vocab_size}')
 
 
 class PromptLearner(nn.Module):

@@ -11,12 +11,11 @@ Per slide (outputs under `out_root/<stem>/`, see `outputs`):
      thumbnail's tissue mask, refined by each tile's own pixels at the same threshold) ->
      `background_value`;
   6. mask.tif, <stem>.geojson, overlay.png, then summary.json (the completion mark); summary.csv for all.
+Steps 2-3, the tile reader and the glass gate are `tiles.plan_tiles`, shared with slide queries.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import glob
 import math
@@ -28,11 +27,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import ml_collections
 import numpy as np
 from absl import logging
-from scipy import ndimage
 
-from protoseg_jax import errors
+from protoseg_jax import errors, prefetch
 from protoseg_jax.slides import config as config_lib
-from protoseg_jax.slides import outputs, reader, stitch, tissue
+from protoseg_jax.slides import outputs, reader, stitch
+from protoseg_jax.slides import tiles as tiles_lib
 
 ScoresFn = Callable[[np.ndarray], np.ndarray]
 OUTPUT_FILES = ('mask.tif', 'overlay.png', '{stem}.geojson', 'summary.json')
@@ -90,23 +89,6 @@ def expand_inputs(spec: str | Sequence[str]) -> list[str]:
 
 def _outputs_complete(slide_dir: str, stem: str) -> bool:
   return all(os.path.isfile(os.path.join(slide_dir, name.format(stem=stem))) for name in OUTPUT_FILES)
-
-
-def _prefetch(fn: Callable, items: Sequence, threads: int, depth: int) -> Iterator:
-  """`fn(item)` for every item, computed by `threads` threads up to `depth` ahead, yielded in order."""
-  with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix='slide-read') as pool:
-    pending = collections.deque()
-    items = iter(items)
-    try:
-      for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= depth:
-          yield pending.popleft().result()
-      while pending:
-        yield pending.popleft().result()
-    finally:
-      for future in pending:
-        future.cancel()
 
 
 class _Progress:
@@ -176,66 +158,25 @@ def process_slide(path: str, scores_fn: ScoresFn, *, config_slides: ml_collectio
     if name.startswith('.mask-') or '.partial-' in name:
       os.remove(os.path.join(slide_dir, name))
   with reader.open_slide(path, c.reader, c.slide_mpp, c.decode_cache_mb) as slide:
-    level0 = slide.levels[0]
-    level = reader.choose_level(slide.levels, model_mpp, c.mpp_tolerance)
+    plan = tiles_lib.plan_tiles(slide, c, model_mpp, tile_size, stride)
+    grid, level, tiles = plan.grid, plan.level, plan.positions
     info = slide.levels[level]
-    factor = model_mpp / info.mpp                     # level pixels per model pixel
-    if factor < 1 - c.mpp_tolerance:
-      logging.warning('%s: slide (%.3f µm/px) is coarser than the model (%.3f µm/px): upsampling', path,
-                      slide.mpp, model_mpp)
-    to_level0 = model_mpp / slide.mpp                 # level-0 pixels per model pixel
-    width_m = max(1, int(math.ceil(level0.width / to_level0)))
-    height_m = max(1, int(math.ceil(level0.height / to_level0)))
-    grid = stitch.Grid(width_m, height_m, tile_size, stride, d)
-
-    thumb, thumb_scale = reader.read_thumbnail(slide, c.tissue_mpp)          # level-0 px per thumb px
-    min_object_px = int(c.tissue_min_area_um2 / (thumb_scale * slide.mpp) ** 2)
-    tissue_map, threshold = tissue.tissue_mask(thumb, c.tissue_method, c.tissue_threshold,
-                                               c.tissue_min_threshold, min_object_px)
-    per_thumb = to_level0 / thumb_scale                                       # thumb px per model px
-    tiles = []
-    for row in range(grid.rows):
-      for col in range(grid.cols):
-        x, y = grid.origin(row, col)
-        box = (x * per_thumb, y * per_thumb, (x + tile_size) * per_thumb, (y + tile_size) * per_thumb)
-        if c.tissue_method == 'none' or tissue.fraction_in_box(tissue_map, box) >= c.min_tissue_fraction:
-          tiles.append((row, col))
-
-    gated = c.tissue_method != 'none'
-
-    def read_tile(position):
-      row, col = position
-      x, y = grid.origin(row, col)
-      box = (x * factor, y * factor, (x + tile_size) * factor, (y + tile_size) * factor)
-      image = reader.read_resampled(slide, level, box, (tile_size, tile_size))
-      fraction = None
-      if gated:   # tissue at full resolution for sharp glass edges (the thumbnail only picks tiles)
-        fraction = stitch.block_mean((tissue.tissue_measure(image, c.tissue_method) > threshold)
-                                     .astype(np.float32), d)
-      return position, image, fraction
+    thumb, thumb_scale, to_level0 = plan.thumb, plan.thumb_scale, plan.to_level0
 
     mask_path = os.path.join(slide_dir, f'.mask-{os.getpid()}.u8')
     mask = np.lib.format.open_memmap(mask_path, mode='w+', dtype=np.uint8,
                                      shape=(grid.mask_height, grid.mask_width))
     try:
-      # Coarse gate per mask pixel: the thumbnail's tissue (dust removed), grown by one thumbnail pixel so
-      # that the fine gate of the tiles decides at the edges; nearest pixel of the mask pixel's centre.
-      coarse = ndimage.binary_dilation(tissue_map, np.ones((3, 3), bool)) if gated else tissue_map
-      thumb_per_mask = d * per_thumb
-      tx = np.minimum(((np.arange(grid.mask_width) + 0.5) * thumb_per_mask).astype(np.int64),
-                      tissue_map.shape[1] - 1)
+      gate = tiles_lib.MaskGate(plan)
 
       def emit(y0, labels):
-        rows_ = np.minimum(((np.arange(y0, y0 + labels.shape[0]) + 0.5) * thumb_per_mask).astype(np.int64),
-                           tissue_map.shape[0] - 1)
-        gate = coarse[rows_[:, None], tx[None, :]]
-        mask[y0:y0 + labels.shape[0]] = np.where(gate, labels, background_value)
+        mask[y0:y0 + labels.shape[0]] = np.where(gate.rows(y0, labels.shape[0]), labels, background_value)
 
       weights = stitch.importance_map(tile_size // d, c.blend, c.gaussian_sigma)
-      stitcher = stitch.BandStitcher(grid, num_classes, weights, emit, background_value, gated=gated)
+      stitcher = stitch.BandStitcher(grid, num_classes, weights, emit, background_value, gated=plan.gated)
       meter = _Progress(stem, len(tiles), c.progress_seconds, progress)
-      stream = _prefetch(read_tile, tiles, int(c.read_threads),
-                         int(c.read_threads + c.prefetch_batches * batch_size))
+      stream = prefetch.prefetched(plan.read_tile, tiles, int(c.read_threads),
+                                   int(c.read_threads + c.prefetch_batches * batch_size))
       try:
         timing = _run_batches(stream, len(tiles), scores_fn, stitcher, meter, batch_size,
                               (batch_size, tile_size, tile_size, num_classes))
@@ -274,11 +215,11 @@ def process_slide(path: str, scores_fn: ScoresFn, *, config_slides: ml_collectio
         'slide': stem, 'path': os.path.abspath(path), 'reader': slide.backend,
         'slide_mpp': slide.mpp, 'mpp_source': slide.mpp_source, 'model_mpp': model_mpp,
         'level': level, 'level_mpp': info.mpp, 'level_size': [info.width, info.height],
-        'levels_mpp': [lv.mpp for lv in slide.levels], 'resize_factor': factor,
+        'levels_mpp': [lv.mpp for lv in slide.levels], 'resize_factor': plan.factor,
         'mask_mpp': mask_mpp, 'mask_size': [grid.mask_width, grid.mask_height],
         'level0_px_per_mask_px': level0_per_mask_px, 'tile_size': tile_size, 'overlap': overlap,
         'stride': stride, 'blend': c.blend, 'tiles': len(tiles), 'tiles_total': grid.rows * grid.cols,
-        'tissue_threshold': threshold, 'tissue_mm2': float(tissue_px * px_mm2),
+        'tissue_threshold': plan.tissue_threshold, 'tissue_mm2': float(tissue_px * px_mm2),
         'seconds': seconds, 'loop_seconds': loop_s, 'model_seconds': model_s,
         'tiles_per_s': len(tiles) / loop_s if loop_s > 0 else 0.0,
         'input_wait_fraction': wait_s / loop_s if loop_s > 0 else 0.0,

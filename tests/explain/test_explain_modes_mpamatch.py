@@ -4,13 +4,13 @@ output is checked against an independent recomputation from the restored weights
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import tiny_mpamatch_config
 from PIL import Image
 from test_explain_modes import reference_maps  # pylint: disable=g-bad-import-order
 from test_explain_page import _parse  # pylint: disable=g-bad-import-order
@@ -18,9 +18,6 @@ from test_explain_page import _parse  # pylint: disable=g-bad-import-order
 from protoseg_jax import errors, main, registry, trainer
 from protoseg_jax.data import images as images_lib
 from protoseg_jax.explain import query as query_lib
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configs import mpamatch_demo
 
 PHRASES = ('gland', 'fibrous stroma')
 WINDOWS = [(0, 0), (0, 8), (8, 0), (8, 8)]       # 32-px windows of a 40-px tile, in the modes' order
@@ -33,16 +30,8 @@ def read_json(path: str):
 
 def explain_config(root: str, **blocks) -> ml_collections.ConfigDict:
   """A tiny MPAMatch trained for 2 steps on 16 tiles of 40 px (4 labelled), validated on 4."""
-  config = mpamatch_demo.get_config()
-  config.data.root = root
-  config.data.synthetic.update(num_train=16, num_val=4, num_test=2, render_size=40)
-  config.data.update(image_size=32, train_window=32, labelled_fraction=0.25)
-  config.eval.update(stride=16, batch_size=4)
-  config.model.vit.update(width=16, depth=1, num_heads=2, pos_embed_grid=4, taps=(0,))
-  config.model.update(bottleneck_channels=8, decoder_channels=(4, 4, 4), embed_hidden=8, embed_dim=8)
-  config.model.text.update(width=8, depth=1, embed_dim=8)
-  config.train.update(steps=2, eval_every_steps=2, log_every_steps=1, labelled_batch_size=2,
-                      unlabelled_batch_size=2)
+  config = tiny_mpamatch_config(root, num_val=4)
+  config.train.update(steps=2, eval_every_steps=2)
   config.checkpoint.update(every_steps=2, keep=1, async_save=False)
   config.query.context = 'tumour'           # MPAMatch's contexts start random: a class's learned one
   config.explain.update(top_k=3, crop_size=16)

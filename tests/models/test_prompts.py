@@ -23,6 +23,20 @@ def test_prompt_token_layout_and_too_long_error():
     text_lib.build_prompt_token_ids([[5] * 4], n_ctx=3, bos_id=1, eos_id=2, context_length=8)
 
 
+def test_prompts_of_phrases_fit_the_phrase_budget_and_a_too_large_tokenizer_is_refused():
+  tok = tokenizer_lib.ByteTokenizer()
+  budget = text_lib.phrase_token_budget(n_ctx=3, context_length=10)
+  assert budget == 10 - 2 - 3
+  ids = text_lib.prompt_token_ids(tok, ['ab', 'x' * budget], n_ctx=3, context_length=10)
+  np.testing.assert_array_equal(ids[0], [1, 0, 0, 0, 3 + ord('a'), 3 + ord('b'), 2, 0, 0, 0])
+  assert ids[1, -1] == 2                                         # a phrase of the budget fills the context
+  with pytest.raises(ValueError, match='prompt 0 needs 11 tokens'):
+    text_lib.prompt_token_ids(tok, ['x' * (budget + 1)], n_ctx=3, context_length=10)
+  text_lib.check_tokenizer_fits(tok, 259)
+  with pytest.raises(UserError, match=r'^the tokenizer has 259 ids but config.model.text.vocab_size is 258$'):
+    text_lib.check_tokenizer_fits(tok, 258)
+
+
 def test_initial_context_repeats_last_token_and_adds_noise():
   table = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)
   init_ids = [1, 10, 11, 2]  # BOS a b EOS -> padded with EOS to n_ctx + 2 = 6 -> ids 1..4 = 10 11 2 2

@@ -141,6 +141,25 @@ def test_kpi_and_ebhi_layouts(tmp_path):
     sets.list_ebhi(str(ebhi), 'gland', 0)
 
 
+def test_synthetic_set_is_written_once_reused_and_never_mixed(tmp_path):
+  data_config = get_config().data
+  data_config.synthetic.update(num_train=3, num_val=1, num_test=1, render_size=16, foreground_values=(0,))
+  root = str(tmp_path / 'synth')
+  os.makedirs(root + '.partial/train')                    # left over by a killed run
+  assert sets.write_synthetic(root, data_config) == root
+  assert not os.path.exists(root + '.partial')
+  names = sorted(os.listdir(os.path.join(root, 'train', 'images')))
+  stamps = {name: os.stat(os.path.join(root, 'train', 'images', name)).st_mtime_ns for name in names}
+  with open(os.path.join(root, 'synthetic.json')) as manifest:
+    assert len(names) == 3 and json.load(manifest)['num_train'] == 3
+  assert sets.write_synthetic(root, data_config) == root       # the same set: reused, nothing rewritten
+  assert {name: os.stat(os.path.join(root, 'train', 'images', name)).st_mtime_ns for name in names} == stamps
+  data_config.synthetic.num_train = 4
+  with pytest.raises(DatasetError, match=rf'^{root} already holds other data \(a different synthetic set or a '
+                     r'real one\); choose an empty folder or set config.data.root$'):
+    sets.write_synthetic(root, data_config)
+
+
 def test_semi_batches_are_deterministic_and_pad_with_ignore():
   rng = np.random.default_rng(0)
   labelled = [(rng.integers(0, 256, (6, 7, 3)).astype(np.uint8), np.ones((6, 7), np.uint8))]

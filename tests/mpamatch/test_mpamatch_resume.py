@@ -3,33 +3,22 @@ ends with bitwise the same parameters, BatchNorm statistics, prototype bank and 
 uninterrupted run; restored weights feed the core's evaluator; checkpoint errors name the problem."""
 
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from configs import mpamatch_demo  # noqa: E402
-from protoseg_jax import checkpoints, evaluation, train_state, trainer  # noqa: E402
-from protoseg_jax.errors import CheckpointError, ConfigError  # noqa: E402
-from protoseg_jax.methods.mpamatch.method import MPAMatchMethod  # noqa: E402
+from conftest import tiny_mpamatch_config
+from protoseg_jax import checkpoints, evaluation, train_state, trainer
+from protoseg_jax.errors import CheckpointError, ConfigError
+from protoseg_jax.methods.mpamatch.method import MPAMatchMethod
 
 TOTAL_STEPS = 4
 
 
 def resume_config(data_root):
-  config = mpamatch_demo.get_config()
-  config.data.root = data_root
-  config.data.synthetic.update(num_train=16, num_val=2, num_test=2, render_size=40)
-  config.data.update(image_size=32, train_window=32, labelled_fraction=0.25)
-  config.eval.update(stride=16, batch_size=4)
-  config.model.vit.update(width=16, depth=1, num_heads=2, pos_embed_grid=4, taps=(0,))
-  config.model.update(bottleneck_channels=8, decoder_channels=(4, 4, 4), embed_hidden=8, embed_dim=8)
-  config.model.text.update(width=8, depth=1, embed_dim=8)
-  config.train.update(steps=TOTAL_STEPS, eval_every_steps=TOTAL_STEPS, log_every_steps=1,
-                      labelled_batch_size=2, unlabelled_batch_size=2)
+  config = tiny_mpamatch_config(data_root, num_val=2)
+  config.train.update(steps=TOTAL_STEPS, eval_every_steps=TOTAL_STEPS)
   config.checkpoint.update(every_steps=2, keep=2, async_save=False)
   return config
 

@@ -57,16 +57,7 @@ def model_config(config: ml_collections.ConfigDict) -> DualProtoSegConfig:
 def prompt_token_ids(config: ml_collections.ConfigDict, tokenizer) -> np.ndarray:
   """`[C*M, L]` int32 prompt ids, class-major, with `n_ctx` placeholder slots after BOS."""
   phrases = [phrase for class_phrases in config.prompts.phrases for phrase in class_phrases]
-  return text_lib.build_prompt_token_ids([tokenizer.encode(phrase) for phrase in phrases],
-                                         config.model.n_ctx, tokenizer.bos_id, tokenizer.eos_id,
-                                         config.model.text.context_length)
-
-
-def check_tokenizer_fits(config: ml_collections.ConfigDict, tokenizer) -> None:
-  vocab = getattr(tokenizer, 'vocab_size', None)
-  if vocab is not None and vocab > config.model.text.vocab_size:
-    raise ConfigError(f'the tokenizer has {vocab} ids but config.model.text.vocab_size is '
-                      f'{config.model.text.vocab_size}')
+  return text_lib.prompt_token_ids(tokenizer, phrases, config.model.n_ctx, config.model.text.context_length)
 
 
 def set_prompt_context(config: ml_collections.ConfigDict, model: DualProtoSeg, params: dict,
@@ -97,7 +88,7 @@ class DualProtoSegMethod(Method):
     self.model_config = model_config(config)
     self.model = DualProtoSeg(self.model_config, config_base.compute_dtype(config.train.compute_dtype))
     self.tokenizer = tokenizer_lib.for_backbone(config.tokenizer, config.backbone)
-    check_tokenizer_fits(config, self.tokenizer)
+    text_lib.check_tokenizer_fits(self.tokenizer, config.model.text.vocab_size)
     self.prompt_ids = prompt_token_ids(config, self.tokenizer)
 
   # --- labels and values ---------------------------------------------------------------------------
@@ -227,12 +218,12 @@ class DualProtoSegMethod(Method):
   # --- explanations (protoseg_jax/explaining.py) ----------------------------------------------------
   def query_tokenizer(self):
     """A free prompt is `[BOS, ctx x n_ctx, phrase, EOS]`, as a class prompt."""
-    return self.tokenizer, self.config.model.text.context_length - 2 - self.config.model.n_ctx
+    return self.tokenizer, text_lib.phrase_token_budget(self.config.model.n_ctx,
+                                                        self.config.model.text.context_length)
 
   def phrase_token_ids(self, prompts: Sequence[str]) -> np.ndarray:
-    return text_lib.build_prompt_token_ids([self.tokenizer.encode(prompt) for prompt in prompts],
-                                           self.config.model.n_ctx, self.tokenizer.bos_id,
-                                           self.tokenizer.eos_id, self.config.model.text.context_length)
+    return text_lib.prompt_token_ids(self.tokenizer, prompts, self.config.model.n_ctx,
+                                     self.config.model.text.context_length)
 
   def _level(self, block: str) -> int:
     """0-based pyramid level of `config.<block>.level` (1-based), checked."""

@@ -177,12 +177,12 @@ class MPAMatchMethod(Method):
 
   def query_tokenizer(self):
     """A free prompt is `[BOS, ctx x n_ctx, phrase, EOS]`, as a class prompt."""
-    return self.tokenizer, self.config.model.text.context_length - 2 - self.config.model.n_ctx
+    return self.tokenizer, text_lib.phrase_token_budget(self.config.model.n_ctx,
+                                                        self.config.model.text.context_length)
 
   def phrase_token_ids(self, prompts: Sequence[str]) -> np.ndarray:
-    return text_lib.build_prompt_token_ids([self.tokenizer.encode(prompt) for prompt in prompts],
-                                           self.config.model.n_ctx, self.tokenizer.bos_id,
-                                           self.tokenizer.eos_id, self.config.model.text.context_length)
+    return text_lib.prompt_token_ids(self.tokenizer, prompts, self.config.model.n_ctx,
+                                     self.config.model.text.context_length)
 
   def _check_level(self, block: str) -> None:
     if int(self.config[block].level) != 1:

@@ -64,13 +64,9 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[MPAMatchModel, np.nd
     raise ConfigError('config.data.class_names needs at least two classes (background first)')
   model = MPAMatchModel(segmenter_config(config), config_base.compute_dtype(config.train.compute_dtype))
   tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
-  vocab = getattr(tokenizer, 'vocab_size', None)
-  if vocab is not None and vocab > config.model.text.vocab_size:
-    raise ConfigError(f'the tokenizer has {vocab} ids but config.model.text.vocab_size is '
-                     f'{config.model.text.vocab_size}')
-  prompt_ids = text_lib.build_prompt_token_ids(
-      [tokenizer.encode(name) for name in config.data.class_names], config.model.n_ctx, tokenizer.bos_id,
-      tokenizer.eos_id, config.model.text.context_length)
+  text_lib.check_tokenizer_fits(tokenizer, config.model.text.vocab_size)
+  prompt_ids = text_lib.prompt_token_ids(tokenizer, config.data.class_names, config.model.n_ctx,
+                                         config.model.text.context_length)
   return model, prompt_ids
 
 

@@ -548,35 +548,3 @@ def memory_table(abstract_state: Any, shardings_for: Callable[[AnyMesh], Any],
     lines.append(f'{str(tuple(sizes)):<26}' + ''.join(f'{_megabytes(v):>14}' for v in values)
                  + f'{_megabytes(sum(values)):>16}')
   return '\n'.join(lines)
-
-
-def _main(argv: Sequence[str]) -> None:
-  del argv
-  # Local imports: this module is imported by the models.
-  from protoseg_jax import registry, train_state  # pylint: disable=g-import-not-at-top
-
-  config = _CONFIG.value
-  method = registry.build(config)
-  trainable, _ = method.split_params(method.abstract_variables(jax.random.key(0))[0])
-  optimizer, _ = method.optimizer(trainable, 1)
-  abstract_state = train_state.abstract_train_state(method, optimizer)
-  rules = config.sharding.logical_rules
-  shardings_for = lambda mesh: train_state.state_shardings(abstract_state, optimizer, method, mesh, rules)
-  meshes = [tuple(int(n) for n in text.split('x')) for text in _MESHES.value]
-  print(memory_table(abstract_state, shardings_for, meshes))
-  print()
-  mesh = abstract_mesh(meshes[-1])
-  print(describe(abstract_state, shardings_for(mesh), mesh))
-
-
-if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file with get_config().')
-  _MESHES = flags.DEFINE_list('meshes', ['1x1x1', '8x1x1', '1x8x1', '2x4x1', '2x1x4', '1x1x8'],
-                              'Mesh shapes DATAxFSDPxTENSOR, one table row each; the last is described.')
-  flags.mark_flags_as_required(['config'])
-  from protoseg_jax import logs  # pylint: disable=g-import-not-at-top
-  logs.quiet_library_info()
-  app.run(_main)
